@@ -1,0 +1,81 @@
+"""Pieces every mil_jax config shares: the data block, the loop block, variants.
+
+A config file builds its ``ConfigDict`` from these and then sets what is its
+own. Variants are comma-separated tokens after the colon of ``--config``:
+``configs/mae.py:seed,runlocal`` calls ``get_config('seed,runlocal')``.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, *, known: tuple[str, ...], **keyed) -> ml_collections.ConfigDict:
+  """Parses a variant string like ``'seed,runlocal'`` or ``'layers=5,filters=8'``.
+
+  Args:
+    arg: the text after ``:`` in ``--config FILE:arg`` (may be empty or None).
+    known: bare words the config understands; each becomes a bool field.
+    **keyed: ``key=default`` pairs the config understands; a ``key=value``
+      token is converted to the type of the default.
+
+  Returns:
+    A ConfigDict with one field per known word (True if given) and per key.
+
+  Raises:
+    ValueError: for a token that is neither a known word nor a known key; the
+      command-line layer reports it as a user error.
+  """
+  out = ml_collections.ConfigDict({w: False for w in known})
+  out.update(keyed)
+  for token in filter(None, (t.strip() for t in (arg or '').split(','))):
+    if '=' in token:
+      key, value = token.split('=', 1)
+      if key not in keyed:
+        raise ValueError(f'unknown variant key {key!r}; known keys: {sorted(keyed)}')
+      try:
+        out[key] = type(keyed[key])(value)
+      except ValueError:
+        raise ValueError(
+            f'variant {key}={value!r} is not a {type(keyed[key]).__name__}') from None
+    elif token in known:
+      out[token] = True
+    else:
+      raise ValueError(f'unknown variant {token!r}; known variants: {sorted(known)}')
+  return out
+
+
+def data_config(source: str = 'tfds:cifar100') -> ml_collections.ConfigDict:
+  """The data block: where images come from and how they are augmented."""
+  return ml_collections.ConfigDict(dict(
+      source=source,            # 'tfds:<name>' | 'npz:<path>' | 'fake'
+      train_split='train',      # TFDS split syntax: 'train[:45000]', 'train[:90%]'
+      eval_split='test',
+      data_dir='',              # '' = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+      download=True,            # let TFDS download and prepare the data set
+      augment=False,            # random crop (4-pixel padding) + horizontal flip
+      fake_train_size=2048,     # examples in the 'fake' source's train split
+      fake_test_size=512,       # ... and in its test split
+      fake_num_classes=10,
+  ))
+
+
+def loop_config(config: ml_collections.ConfigDict, *, batch_size: int, num_epochs: int) -> None:
+  """Sets the fields of the training loop that every config has."""
+  config.seed = 0
+  config.batch_size = batch_size            # global batch, split over all devices
+  config.num_epochs = num_epochs
+  config.steps_per_dispatch = 1             # train steps per jitted call (lax.scan)
+  config.log_every_steps = 50
+  config.eval_every_epochs = 1
+  config.checkpoint_every_steps = 1000      # also at the end of every epoch
+  config.keep_checkpoints = 1               # latest ones kept, besides the best
+
+
+def runlocal(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a config to a seconds-long smoke run on a CPU on synthetic data."""
+  config.data.source = 'fake'
+  config.data.fake_train_size = 256
+  config.data.fake_test_size = 64
+  config.batch_size = 32
+  config.num_epochs = 2
+  config.log_every_steps = 4

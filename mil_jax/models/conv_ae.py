@@ -1,0 +1,163 @@
+"""The convolutional autoencoder ("Conv-192" / "Conv-256" in the reference).
+
+Every conv has a 4x4 kernel and stride 2 with one pixel of padding, so each
+encoder layer halves the image side and each decoder layer doubles it.
+Encoder (channels c, c*f, c*f^2, ...):
+  Conv(3 -> c), LeakyReLU(0.2), then (num_layers - 1) x
+  [Conv(c_i -> c_i * f), LeakyReLU(0.2), LayerNorm over channels],
+  flattened. With 4 layers, f = 2 and c = 6 the output is 2x2x48 = 192.
+Decoder: (num_layers - 1) x [ConvTranspose(c_i -> c_i / f), ReLU, LayerNorm],
+  then ConvTranspose(c -> 3) and tanh.
+Convolution kernels are Xavier-normal with zero biases, as in the reference.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+IMAGE_SIZE = 32
+# torch.nn.init.xavier_normal_: an untruncated normal with variance
+# 2 / (fan_in + fan_out), both counted with the kernel's receptive field.
+_xavier_normal = nn.initializers.variance_scaling(1.0, 'fan_avg', 'normal')
+# torch's padding=1 for a stride-2 4x4 conv.
+_CONV_PADDING = ((1, 1), (1, 1))
+# The transposed conv runs as a conv over the stride-dilated input; padding it
+# by k - 1 - 1 = 2 on each side is torch's ConvTranspose2d(k=4, s=2, p=1),
+# whose output side is exactly twice the input side.
+_CONV_TRANSPOSE_PADDING = ((2, 2), (2, 2))
+
+
+def channels(num_layers: int, channel_factor: int, start_filters: int) -> list[int]:
+  """Encoder output channels per layer, e.g. (4, 2, 6) -> [6, 12, 24, 48]."""
+  return [start_filters * channel_factor ** i for i in range(num_layers)]
+
+
+def latent_side(num_layers: int) -> int:
+  """Side of the encoder's last feature map, e.g. 4 layers -> 2."""
+  return IMAGE_SIZE // 2 ** num_layers
+
+
+class ConvEncoder(nn.Module):
+  """Images -> flattened last feature map.
+
+  Attributes:
+    num_layers: stride-2 convs; 1 to 5 for 32x32 images.
+    channel_factor: channel multiplier from one layer to the next.
+    start_filters: channels of the first conv.
+    negative_slope: of the LeakyReLU after each conv.
+    dtype: compute dtype (params stay float32).
+  """
+  num_layers: int = 4
+  channel_factor: int = 2
+  start_filters: int = 6
+  negative_slope: float = 0.2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Encodes images.
+
+    Args:
+      x: images [B, 32, 32, 3] in [-1, 1].
+      train: unused (LayerNorm has no batch statistics).
+
+    Returns:
+      features [B, s * s * C] with s = 32 / 2**num_layers and C the last
+      layer's channels (192 for the reference Conv-192).
+    """
+    del train
+    x = x.astype(self.dtype)
+    for i, c in enumerate(channels(self.num_layers, self.channel_factor, self.start_filters)):
+      x = nn.Conv(c, (4, 4), strides=(2, 2), padding=_CONV_PADDING, dtype=self.dtype,
+                  kernel_init=_xavier_normal, name=f'conv_{i}')(x)
+      x = nn.leaky_relu(x, self.negative_slope)
+      if i > 0:
+        x = nn.LayerNorm(dtype=self.dtype, name=f'norm_{i}')(x)
+    return x.reshape(x.shape[0], -1)
+
+
+class ConvDecoder(nn.Module):
+  """Flattened latent -> images; mirrors ``ConvEncoder``.
+
+  Attributes:
+    num_layers: as the encoder's.
+    channel_factor: as the encoder's.
+    start_filters: as the encoder's.
+    dtype: compute dtype.
+  """
+  num_layers: int = 4
+  channel_factor: int = 2
+  start_filters: int = 6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array, *, train: bool) -> jax.Array:
+    """Decodes latents.
+
+    Args:
+      z: latents [B, s * s * C] as ``ConvEncoder`` returns them.
+      train: unused.
+
+    Returns:
+      images [B, 32, 32, 3] in [-1, 1] (tanh), float32.
+    """
+    del train
+    widths = channels(self.num_layers, self.channel_factor, self.start_filters)
+    side = latent_side(self.num_layers)
+    z = z.reshape(z.shape[0], side, side, widths[-1])
+    for i, c in enumerate(reversed(widths[:-1])):
+      z = nn.ConvTranspose(c, (4, 4), strides=(2, 2), padding=_CONV_TRANSPOSE_PADDING,
+                           dtype=self.dtype, kernel_init=_xavier_normal,
+                           name=f'conv_transpose_{i}')(z)
+      z = nn.relu(z)
+      z = nn.LayerNorm(dtype=self.dtype, name=f'norm_{i}')(z)
+    z = nn.ConvTranspose(3, (4, 4), strides=(2, 2), padding=_CONV_TRANSPOSE_PADDING,
+                         dtype=self.dtype, kernel_init=_xavier_normal,
+                         name=f'conv_transpose_{self.num_layers - 1}')(z)
+    return jnp.tanh(z.astype(jnp.float32))
+
+
+class ConvAutoencoder(nn.Module):
+  """Encoder and decoder under the param names ``encoder`` and ``decoder``.
+
+  Attributes:
+    num_layers: stride-2 convs in each half (reference 4).
+    channel_factor: channel multiplier per layer (reference 2).
+    start_filters: first conv's channels (6 for Conv-192, 8 for Conv-256).
+    dtype: compute dtype.
+  """
+  num_layers: int = 4
+  channel_factor: int = 2
+  start_filters: int = 6
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.encoder = ConvEncoder(num_layers=self.num_layers, channel_factor=self.channel_factor,
+                               start_filters=self.start_filters, dtype=self.dtype)
+    self.decoder = ConvDecoder(num_layers=self.num_layers, channel_factor=self.channel_factor,
+                               start_filters=self.start_filters, dtype=self.dtype)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Reconstructs images.
+
+    Args:
+      x: images [B, 32, 32, 3] in [-1, 1].
+      train: whether this is a training pass.
+
+    Returns:
+      (reconstruction [B, 32, 32, 3] in [-1, 1], aux {}).
+    """
+    return self.decode(self.encode(x, train=train), train=train), {}
+
+  def encode(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """[B, 32, 32, 3] -> features [B, s * s * C]."""
+    return self.encoder(x, train=train)
+
+  def decode(self, z: jax.Array, *, train: bool = False) -> jax.Array:
+    """[B, s * s * C] -> images [B, 32, 32, 3]."""
+    return self.decoder(z, train=train)

@@ -1,0 +1,146 @@
+"""Transformer pieces shared by the masked autoencoder's encoder and decoder.
+
+Pre-LayerNorm blocks (as in ViT and MAE): ``x + attn(ln(x))``, then
+``x + mlp(ln(x))``, with a final LayerNorm after the stack. Attention goes
+through ``jax.nn.dot_product_attention`` so that a GPU gets a fused kernel
+(cuDNN flash attention) and other backends an XLA one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Xavier-uniform weights and zero biases, as the MAE reference initializes
+# every Linear layer of its transformers.
+_dense_init = nn.initializers.xavier_uniform()
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention with one fused query/key/value projection.
+
+  Attributes:
+    num_heads: number of heads; must divide the input width.
+    dtype: compute dtype (params stay float32).
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Attends every token to every token.
+
+    Args:
+      x: tokens [B, T, D].
+      train: unused (no dropout); kept for a uniform module signature.
+
+    Returns:
+      [B, T, D].
+    """
+    del train
+    batch, length, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f'width {width} is not divisible by {self.num_heads} heads')
+    head_dim = width // self.num_heads
+    qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=_dense_init, name='qkv')(x)
+    qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, D/H]
+    out = jax.nn.dot_product_attention(q, k, v)
+    out = out.reshape(batch, length, width)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init, name='out')(out)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> Dense, the feed-forward half of a transformer block.
+
+  Attributes:
+    mlp_dim: hidden width.
+    dtype: compute dtype.
+  """
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """[B, T, D] -> [B, T, D]."""
+    del train
+    width = x.shape[-1]
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_dense_init, name='fc_1')(x)
+    # Exact (erf) GELU, as torch.nn.GELU and the HF ViT blocks of the reference.
+    y = nn.gelu(y, approximate=False)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init, name='fc_2')(y)
+
+
+class EncoderBlock(nn.Module):
+  """One pre-LN transformer block.
+
+  Attributes:
+    num_heads: attention heads.
+    mlp_dim: hidden width of the MLP.
+    dtype: compute dtype.
+  """
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """[B, T, D] -> [B, T, D]."""
+    y = nn.LayerNorm(dtype=self.dtype, name='norm_1')(x)
+    x = x + MultiHeadAttention(self.num_heads, dtype=self.dtype, name='attn')(y, train=train)
+    y = nn.LayerNorm(dtype=self.dtype, name='norm_2')(x)
+    return x + MlpBlock(self.mlp_dim, dtype=self.dtype, name='mlp')(y, train=train)
+
+
+class Transformer(nn.Module):
+  """A stack of ``depth`` pre-LN blocks followed by a final LayerNorm.
+
+  Attributes:
+    depth: number of blocks.
+    num_heads: attention heads per block.
+    mlp_dim: hidden width of each block's MLP.
+    dtype: compute dtype.
+  """
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """[B, T, D] -> [B, T, D], normalized."""
+    for i in range(self.depth):
+      x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype,
+                       name=f'block_{i}')(x, train=train)
+    return nn.LayerNorm(dtype=self.dtype, name='norm')(x)
+
+
+def posemb_sincos_2d(height: int, width: int, dim: int,
+                     temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embeddings for a ``height x width`` grid.
+
+  A quarter of the channels each hold sin(y), cos(y), sin(x), cos(x) at
+  geometrically spaced frequencies.
+
+  Args:
+    height: grid rows.
+    width: grid columns.
+    dim: embedding width; must be divisible by 4.
+    temperature: the longest wavelength.
+
+  Returns:
+    float32 [height * width, dim], row-major over the grid (the patch order
+    of ``mae.patchify``).
+  """
+  if dim % 4:
+    raise ValueError(f'sin-cos position embeddings need a width divisible by 4, got {dim}')
+  y, x = np.mgrid[:height, :width]
+  omega = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4))
+  y = y.reshape(-1, 1) * omega[None]
+  x = x.reshape(-1, 1) * omega[None]
+  return np.concatenate([np.sin(y), np.cos(y), np.sin(x), np.cos(x)], axis=1).astype(np.float32)
