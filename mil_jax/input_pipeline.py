@@ -23,6 +23,7 @@ import socket
 import urllib.parse
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -234,12 +235,16 @@ def load_split(data_config: ml_collections.ConfigDict, split: str) -> Split:
 # On the device.
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class DeviceSplit:
-  """A split copied once to every device: uint8 images and int32 labels."""
+  """A split copied once to every device: uint8 images and int32 labels.
+
+  A pytree, so jitted functions take it as an argument (never as a constant
+  baked into the program).
+  """
   images: jax.Array
   labels: jax.Array
-  num_classes: int
+  num_classes: int = flax.struct.field(pytree_node=False)
 
   @classmethod
   def create(cls, split: Split, mesh: jax.sharding.Mesh) -> DeviceSplit:

@@ -1,0 +1,98 @@
+"""What the command-line entry points share: flag parsing and exit codes.
+
+Exit codes (the design's contract): 0 done, 2 the user's mistake (one sentence
+on stderr), 1 a bug (with its traceback). ``--debug`` shows the traceback of a
+user error too.
+"""
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from absl import app, flags, logging
+
+from mil_jax.errors import UserError
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+
+flags.DEFINE_bool('debug', False, 'Show the full traceback of a user error.')
+
+
+def fail(message: str) -> None:
+  """Prints one sentence to stderr and exits with status 2."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _last_line(text: str) -> str:
+  lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+  line = lines[-1] if lines else text
+  return re.sub(r'^\w+(Error|Exception): ', '', line)
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def expand_type_flag(argv: list[str]) -> list[str]:
+  """Turns the study's ``--type fc|conv|mae`` into ``--config configs/<type>.py``.
+
+  ``--type`` is kept in argv (the programs define it) but only used when no
+  ``--config`` is given.
+  """
+  kind = None
+  for i, arg in enumerate(argv):
+    if arg.startswith('--type='):
+      kind = arg.split('=', 1)[1]
+    elif arg == '--type' and i + 1 < len(argv):
+      kind = argv[i + 1]
+  if kind is None or _config_path(argv) is not None:
+    return argv
+  if kind not in ('fc', 'conv', 'mae'):
+    fail(f'unknown --type {kind!r}; use fc, conv or mae.')
+  return [argv[0], f'--config={CONFIG_DIR / kind}.py', *argv[1:]]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags (config file and overrides included); mistakes exit 2."""
+  argv = expand_type_flag(list(argv))
+  path = _config_path(argv)
+  if path is not None:
+    file = path.split(':', 1)[0]
+    if not pathlib.Path(file).is_file():
+      fail(f'config file {file!r} does not exist; configs live in {CONFIG_DIR}.')
+  try:
+    rest = flags.FLAGS(argv)
+    if path is not None:
+      flags.FLAGS['config'].value  # noqa: B018  (loading happens on first access)
+  except flags.Error as e:
+    fail(_last_line(str(e)).rstrip('.') + '.')
+  except (AttributeError, KeyError) as e:
+    name = str(e).strip('"\'')
+    fail(f'the config has no field {name}; check the spelling of --config.<field>.')
+  except ValueError as e:
+    fail(_last_line(str(e)).rstrip('.') + '.')
+  return rest
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """Runs ``main`` under absl with the design's exit codes."""
+
+  def wrapped(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except UserError as e:
+      if flags.FLAGS.debug:
+        traceback.print_exc()
+      logging.flush()
+      fail(str(e))
+
+  app.run(wrapped, flags_parser=parse_flags)

@@ -1,0 +1,306 @@
+"""Tests of mil_jax.models: sizes, shapes, masking, the encoder contract."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import conv as conv_config
+from configs import fc as fc_config
+from configs import mae as mae_config
+from mil_jax import models
+from mil_jax.errors import UserError
+from mil_jax.models import conv_ae
+from mil_jax.models import mae
+from mil_jax.models import vit
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RNGS = {'params': jax.random.key(0), 'masking': jax.random.key(1)}
+
+
+def _count(tree) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def _images(batch: int = 2, seed: int = 0) -> jax.Array:
+  return jax.random.uniform(jax.random.key(seed), (batch, 32, 32, 3), minval=-1.0, maxval=1.0)
+
+
+def _tiny_mae(**overrides) -> ml_collections.ConfigDict:
+  cfg = mae_config.get_config('seed,runlocal').model  # width 16, depth 1, 4x4 patches
+  cfg.update(overrides)
+  return cfg
+
+
+def _shapes(model_config, images=None):
+  """Abstract params of the autoencoder and of the standalone encoder."""
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32) if images is None else images
+  ae = models.build_autoencoder(model_config)
+  enc = models.build_encoder(model_config)
+  ae_vars = jax.eval_shape(lambda x: ae.init(RNGS, x, train=False), x)
+  enc_vars = jax.eval_shape(lambda x: enc.init(RNGS, x, train=False), x)
+  return ae, enc, ae_vars, enc_vars
+
+
+# Sizes read off the reference PyTorch models (reference/SEED.md).
+@pytest.mark.parametrize('model_config, total, encoder, feature_dim, tolerance', [
+    (fc_config.get_config('l2').model, 12_394_368, 6_195_840, 384, 0.0),
+    (conv_config.get_config('192').model, 49_347, 24_738, 192, 0.0),
+    (conv_config.get_config('256').model, 87_299, 43_736, 256, 0.0),
+    (mae_config.get_config('seed').model, 3_662_604, 2_721_024, 192, 0.02),
+], ids=['fc', 'conv192', 'conv256', 'mae'])
+def test_reference_param_counts(model_config, total, encoder, feature_dim, tolerance):
+  ae, enc, ae_vars, enc_vars = _shapes(model_config)
+  params = ae_vars['params']
+  assert set(params) == {'encoder', 'decoder'}
+  assert abs(_count(params) - total) <= tolerance * total
+  assert abs(_count(params['encoder']) - encoder) <= tolerance * encoder
+  assert _count(enc_vars['params']) == _count(params['encoder'])
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  assert jax.eval_shape(lambda v, x: ae.apply(v, x, method='encode'), ae_vars, x).shape == (
+      2, feature_dim)
+  assert jax.eval_shape(lambda v, x: enc.apply(v, x, train=False), enc_vars, x).shape == (
+      2, feature_dim)
+  for leaf in jax.tree.leaves(params):
+    assert leaf.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('model_config', [
+    fc_config.get_config('runlocal').model,
+    conv_config.get_config('192').model,
+    conv_config.get_config('layers=3,factor=2,filters=16').model,
+    _tiny_mae(),
+    _tiny_mae(pos_embedding='sincos', pool='mean'),
+], ids=['fc', 'conv', 'conv_3_2_16', 'mae', 'mae_sincos'])
+def test_standalone_encoder_has_the_autoencoders_encoder_tree(model_config):
+  _, _, ae_vars, enc_vars = _shapes(model_config)
+  ae_enc = jax.tree.map(lambda s: (s.shape, s.dtype), ae_vars['params']['encoder'])
+  alone = jax.tree.map(lambda s: (s.shape, s.dtype), enc_vars['params'])
+  assert jax.tree.structure(ae_enc) == jax.tree.structure(alone)
+  assert ae_enc == alone
+
+
+@pytest.mark.parametrize('model_config', [
+    fc_config.get_config('runlocal').model,
+    conv_config.get_config('192').model,
+], ids=['fc', 'conv'])
+def test_fc_and_conv_reconstruct_in_tanh_range(model_config):
+  ae = models.build_autoencoder(model_config)
+  x = _images(4)
+  variables = ae.init(RNGS, x, train=False)
+  # Large inputs push the decoder into saturation; outputs must stay in [-1, 1].
+  recon, aux = ae.apply(variables, 50.0 * x, train=True)
+  assert recon.shape == (4, 32, 32, 3)
+  assert recon.dtype == jnp.float32
+  assert aux == {}
+  assert float(jnp.max(jnp.abs(recon))) <= 1.0
+  # Both signs occur: the reference FC decoder (ReLU before tanh) could not go negative.
+  recon, _ = ae.apply(variables, x, train=False)
+  assert float(recon.min()) < 0.0 < float(recon.max())
+  # The standalone encoder with the AE's encoder params gives the AE's features.
+  enc = models.build_encoder(model_config)
+  np.testing.assert_array_equal(
+      enc.apply({'params': variables['params']['encoder']}, x, train=False),
+      ae.apply(variables, x, method='encode'))
+
+
+def test_conv_transpose_is_torch_conv_transpose_k4_s2_p1():
+  """flax's ConvTranspose with our padding == torch's, up to a kernel flip."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1, 3, 3, 1)).astype(np.float32)
+  w = rng.normal(size=(4, 4, 1, 1)).astype(np.float32)
+  import flax.linen as nn
+  layer = nn.ConvTranspose(1, (4, 4), strides=(2, 2), padding=conv_ae._CONV_TRANSPOSE_PADDING,
+                           use_bias=False)
+  got = np.asarray(layer.apply({'params': {'kernel': w}}, x))[0, :, :, 0]
+  # torch: out[s*i - p + a, s*j - p + b] += x[i, j] * w_torch[a, b], cropped to 2 * side.
+  w_torch = w[::-1, ::-1, 0, 0]
+  want = np.zeros((6, 6), np.float32)
+  for i in range(3):
+    for j in range(3):
+      for a in range(4):
+        for b in range(4):
+          r, c = 2 * i - 1 + a, 2 * j - 1 + b
+          if 0 <= r < 6 and 0 <= c < 6:
+            want[r, c] += x[0, i, j, 0] * w_torch[a, b]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_patchify_roundtrip_and_layout():
+  x = _images(2)
+  patches = mae.patchify(x, 4)
+  assert patches.shape == (2, 64, 48)
+  np.testing.assert_array_equal(patches[:, 0], x[:, :4, :4].reshape(2, -1))
+  np.testing.assert_array_equal(patches[:, 1], x[:, :4, 4:8].reshape(2, -1))
+  np.testing.assert_array_equal(patches[:, 8], x[:, 4:8, :4].reshape(2, -1))
+  np.testing.assert_array_equal(mae.unpatchify(patches, 4, 32, 32), x)
+  np.testing.assert_array_equal(mae.unpatchify(mae.patchify(x, 2), 2, 32, 32), x)
+  with pytest.raises(ValueError):
+    mae.unpatchify(patches, 2, 32, 32)
+
+
+def test_random_masking_keeps_64_of_256_with_fresh_masks():
+  ids_keep, mask, ids_restore = mae.random_masking(jax.random.key(0), 8, 256, 0.75)
+  assert ids_keep.shape == (8, 64)
+  assert mask.shape == (8, 256)
+  np.testing.assert_array_equal(mask.sum(axis=1), np.full(8, 192.0))
+  # Visible patches are exactly the kept ids.
+  for b in range(8):
+    np.testing.assert_array_equal(np.flatnonzero(mask[b] == 0), np.sort(ids_keep[b]))
+  # ids_restore inverts the shuffle.
+  np.testing.assert_array_equal(
+      jnp.take_along_axis(jnp.argsort(ids_restore, axis=1), ids_restore, axis=1),
+      np.broadcast_to(np.arange(256), (8, 256)))
+  # A different mask per image, and per key.
+  assert len({tuple(np.asarray(m)) for m in mask}) == 8
+  _, other, _ = mae.random_masking(jax.random.key(1), 8, 256, 0.75)
+  assert not np.array_equal(mask, other)
+
+
+def test_mae_forward_masks_per_image_and_encoder_sees_visible_only():
+  cfg = _tiny_mae(patch_size=2)  # 256 patches, 64 kept
+  ae = models.build_autoencoder(cfg)
+  x = _images(3)
+  variables = ae.init(RNGS, x, train=False)
+  recon, aux = ae.apply(variables, x, train=True, rngs={'masking': jax.random.key(5)})
+  assert recon.shape == (3, 32, 32, 3) and recon.dtype == jnp.float32
+  assert aux['pred_patches'].shape == (3, 256, 12)
+  assert aux['mask'].shape == (3, 256)
+  np.testing.assert_array_equal(aux['mask'].sum(axis=1), [192.0] * 3)
+  assert not np.array_equal(aux['mask'][0], aux['mask'][1])
+  np.testing.assert_allclose(mae.unpatchify(aux['pred_patches'], 2, 32, 32), recon)
+
+  def visible(m, x):
+    return m.encoder.encode_visible(x, mask_ratio=0.75, train=False)
+
+  key = {'masking': jax.random.key(7)}
+  tokens, mask, _ = ae.apply(variables, x, method=visible, rngs=key)
+  assert tokens.shape == (3, 1 + 64, 16)
+  # Scrambling the pixels of removed patches does not change what the encoder sees.
+  noise = mae.unpatchify(mae.patchify(_images(3, seed=9), 2) * mask[..., None], 2, 32, 32)
+  tokens2, mask2, _ = ae.apply(variables, x + noise, method=visible, rngs=key)
+  np.testing.assert_array_equal(mask, mask2)
+  np.testing.assert_allclose(tokens, tokens2, rtol=1e-6, atol=1e-6)
+
+
+def test_mae_features_are_deterministic_and_match_encode():
+  cfg = _tiny_mae()
+  ae = models.build_autoencoder(cfg)
+  x = _images(2)
+  variables = ae.init(RNGS, x, train=False)
+  # No 'masking' rng needed: nothing is masked when extracting features.
+  f1 = ae.apply(variables, x, method='encode')
+  f2 = ae.apply(variables, x, method='encode', rngs={'masking': jax.random.key(3)})
+  enc = models.build_encoder(cfg)
+  f3 = enc.apply({'params': variables['params']['encoder']}, x, train=False)
+  assert f1.shape == (2, 16)
+  np.testing.assert_array_equal(f1, f2)
+  np.testing.assert_array_equal(f1, f3)
+
+  # mask_ratio=0: the autoencoder masks nothing and is deterministic.
+  ae0 = models.build_autoencoder(_tiny_mae(mask_ratio=0.0))
+  r1, aux1 = ae0.apply(variables, x, train=True)
+  r2, _ = ae0.apply(variables, x, train=True, rngs={'masking': jax.random.key(4)})
+  np.testing.assert_array_equal(aux1['mask'], np.zeros((2, 64)))
+  np.testing.assert_array_equal(r1, r2)
+
+
+def test_mae_norm_pix_reconstruction_uses_input_patch_stats():
+  cfg = _tiny_mae(norm_pix_loss=True)
+  ae = models.build_autoencoder(cfg)
+  x = _images(2)
+  variables = ae.init(RNGS, x, train=False)
+  recon, aux = ae.apply(variables, x, train=True)
+  mean, std = mae.patch_mean_std(mae.patchify(x, 4))
+  np.testing.assert_allclose(mae.patchify(recon, 4), aux['pred_patches'] * std + mean,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_sincos_position_embedding_is_not_a_param():
+  table = vit.posemb_sincos_2d(8, 8, 16)
+  assert table.shape == (64, 16)
+  assert len({tuple(row) for row in np.round(table, 5)}) == 64  # every position distinct
+  _, _, learned, _ = _shapes(_tiny_mae(pos_embedding='learned'))
+  _, _, fixed, _ = _shapes(_tiny_mae(pos_embedding='sincos'))
+  assert 'pos_embedding' in learned['params']['encoder']
+  assert 'pos_embedding' not in fixed['params']['encoder']
+  assert 'pos_embedding' not in fixed['params']['decoder']
+
+
+@pytest.mark.parametrize('model_config', [
+    fc_config.get_config('runlocal').model,
+    conv_config.get_config('192').model,
+    _tiny_mae(),
+], ids=['fc', 'conv', 'mae'])
+def test_bfloat16_forward_keeps_float32_params(model_config):
+  model_config = ml_collections.ConfigDict(model_config.to_dict())
+  model_config.dtype = 'bfloat16'
+  ae = models.build_autoencoder(model_config)
+  x = _images(2)
+  variables = ae.init(RNGS, x, train=False)
+  assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  recon, _ = ae.apply(variables, x, train=True, rngs={'masking': jax.random.key(2)})
+  assert recon.shape == (2, 32, 32, 3)
+  assert bool(jnp.all(jnp.isfinite(recon)))
+  assert ae.apply(variables, x, method='encode').dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('overrides, words', [
+    ({'name': 'resnet'}, ['resnet', 'conv', 'fc', 'mae']),
+    ({'patch_size': 5}, ['patch_size']),
+    ({'mask_ratio': 1.0}, ['mask_ratio']),
+    ({'num_heads': 3}, ['num_heads']),
+    ({'dtype': 'float16'}, ['dtype']),
+    ({'pool': 'max'}, ['pool']),
+])
+def test_bad_model_config_is_a_user_error(overrides, words):
+  cfg = _tiny_mae()
+  cfg.update(overrides)
+  for build in (models.build_autoencoder, models.build_encoder):
+    with pytest.raises(UserError) as e:
+      build(cfg)
+    for word in words:
+      assert word in str(e.value)
+
+
+def test_unknown_model_field_is_a_user_error():
+  cfg = fc_config.get_config().model
+  cfg.unlock()
+  cfg.widths = (8,)
+  with pytest.raises(UserError, match='widths'):
+    models.build_autoencoder(cfg)
+
+
+def _summary(config_arg: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, 'PYTHONPATH': f'{REPO}{os.pathsep}{os.environ.get("PYTHONPATH", "")}',
+         'JAX_PLATFORMS': 'cpu'}
+  return subprocess.run([sys.executable, '-m', 'mil_jax.models', '--config', config_arg],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_summary_command_prints_json_last():
+  run = _summary('configs/mae.py:seed,runlocal')
+  assert run.returncode == 0, run.stderr
+  lines = run.stdout.strip().splitlines()
+  summary = json.loads(lines[-1])
+  _, _, ae_vars, _ = _shapes(_tiny_mae())
+  assert summary == {
+      'model': 'mae',
+      'params': _count(ae_vars['params']),
+      'encoder_params': _count(ae_vars['params']['encoder']),
+      'feature_dim': 16,
+  }
+  assert any(line.startswith('encoder') for line in lines)
+  assert any(line.strip().startswith('transformer') for line in lines)
+
+  bad = _summary('configs/mae.py:nonsense')
+  assert bad.returncode == 2
+  assert 'nonsense' in bad.stderr
