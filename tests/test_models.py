@@ -18,9 +18,7 @@ from configs import fc as fc_config
 from configs import mae as mae_config
 from mil_jax import models
 from mil_jax.errors import UserError
-from mil_jax.models import conv_ae
-from mil_jax.models import mae
-from mil_jax.models import vit
+from mil_jax.models import conv_ae, fc_ae, mae, vit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RNGS = {'params': jax.random.key(0), 'masking': jax.random.key(1)}
@@ -38,6 +36,40 @@ def _tiny_mae(**overrides) -> ml_collections.ConfigDict:
   cfg = mae_config.get_config('seed,runlocal').model  # width 16, depth 1, 4x4 patches
   cfg.update(overrides)
   return cfg
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _quick_compiles():
+  """XLA:CPU optimization passes take most of these tiny tests' time (3x)."""
+  before = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', before)
+
+
+def _random_params(model_config):
+  """Random values in the autoencoder's param shapes, without running init.
+
+  Initializers are tested on their own; compiling a model's init costs
+  seconds on a CPU (random bits), which these forward tests do not need.
+  """
+  ae = models.build_autoencoder(model_config)
+  shapes = jax.eval_shape(lambda x: ae.init(RNGS, x, train=False),
+                          jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(scale=0.1, size=s.shape), s.dtype), shapes)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  """Tiny configs and their initialized params, shared by the forward tests."""
+  configs = {
+      'fc': fc_config.get_config('runlocal').model,
+      'conv': conv_config.get_config('192').model,
+      'mae': _tiny_mae(),
+  }
+  return {name: (cfg, _random_params(cfg)) for name, cfg in configs.items()}
 
 
 def _shapes(model_config, images=None):
@@ -88,28 +120,45 @@ def test_standalone_encoder_has_the_autoencoders_encoder_tree(model_config):
   assert ae_enc == alone
 
 
-@pytest.mark.parametrize('model_config', [
-    fc_config.get_config('runlocal').model,
-    conv_config.get_config('192').model,
-], ids=['fc', 'conv'])
-def test_fc_and_conv_reconstruct_in_tanh_range(model_config):
+@pytest.mark.parametrize('name', ['fc', 'conv'])
+def test_fc_and_conv_reconstruct_in_tanh_range(tiny, name):
+  model_config, variables = tiny[name]
   ae = models.build_autoencoder(model_config)
+  enc = models.build_encoder(model_config)
+
+  @jax.jit
+  def run(variables, x):
+    recon, aux = ae.apply(variables, x, train=True)
+    features = ae.apply(variables, x, method='encode')
+    alone = enc.apply({'params': variables['params']['encoder']}, x, train=False)
+    return recon, aux, features, alone
+
   x = _images(4)
-  variables = ae.init(RNGS, x, train=False)
   # Large inputs push the decoder into saturation; outputs must stay in [-1, 1].
-  recon, aux = ae.apply(variables, 50.0 * x, train=True)
+  recon, aux, _, _ = run(variables, 50.0 * x)
   assert recon.shape == (4, 32, 32, 3)
   assert recon.dtype == jnp.float32
   assert aux == {}
   assert float(jnp.max(jnp.abs(recon))) <= 1.0
   # Both signs occur: the reference FC decoder (ReLU before tanh) could not go negative.
-  recon, _ = ae.apply(variables, x, train=False)
+  recon, _, features, alone = run(variables, x)
   assert float(recon.min()) < 0.0 < float(recon.max())
   # The standalone encoder with the AE's encoder params gives the AE's features.
-  enc = models.build_encoder(model_config)
-  np.testing.assert_array_equal(
-      enc.apply({'params': variables['params']['encoder']}, x, train=False),
-      ae.apply(variables, x, method='encode'))
+  np.testing.assert_array_equal(features, alone)
+
+
+def test_initializers_follow_the_reference():
+  x = jnp.zeros((2, 32, 32, 3))
+  conv = conv_ae.ConvEncoder(start_filters=8)
+  params = jax.jit(lambda key, x: conv.init(key, x, train=False))(jax.random.key(0), x)['params']
+  kernel = params['conv_3']['kernel']  # [4, 4, 32, 64]: Xavier-normal, zero bias
+  np.testing.assert_allclose(np.std(kernel), np.sqrt(2 / (16 * 32 + 16 * 64)), rtol=0.03)
+  np.testing.assert_array_equal(params['conv_3']['bias'], 0.0)
+  fc = fc_ae.FCEncoder(hidden_dims=(64,))
+  params = jax.jit(lambda key, x: fc.init(key, x, train=False))(jax.random.key(0), x)['params']
+  kernel = params['dense_0']['kernel']  # [3072, 64]: torch Linear, U(+-1/sqrt(3072))
+  assert float(jnp.max(jnp.abs(kernel))) <= 1 / np.sqrt(3072)
+  np.testing.assert_allclose(np.std(kernel), 1 / np.sqrt(3 * 3072), rtol=0.03)
 
 
 def test_conv_transpose_is_torch_conv_transpose_k4_s2_p1():
@@ -165,63 +214,73 @@ def test_random_masking_keeps_64_of_256_with_fresh_masks():
   assert not np.array_equal(mask, other)
 
 
-def test_mae_forward_masks_per_image_and_encoder_sees_visible_only():
-  cfg = _tiny_mae(patch_size=2)  # 256 patches, 64 kept
+def test_mae_forward_masks_per_image_and_encoder_sees_visible_only(tiny):
+  cfg, variables = tiny['mae']  # 4x4 patches: 64, of which 16 stay visible
   ae = models.build_autoencoder(cfg)
+
+  @jax.jit
+  def run(variables, x, key):
+    recon, aux = ae.apply(variables, x, train=True, rngs={'masking': key})
+    visible = lambda m, x: m.encoder.encode_visible(x, mask_ratio=0.75, train=False)
+    tokens, _, _ = ae.apply(variables, x, method=visible, rngs={'masking': key})
+    return recon, aux, tokens
+
   x = _images(3)
-  variables = ae.init(RNGS, x, train=False)
-  recon, aux = ae.apply(variables, x, train=True, rngs={'masking': jax.random.key(5)})
+  recon, aux, tokens = run(variables, x, jax.random.key(5))
   assert recon.shape == (3, 32, 32, 3) and recon.dtype == jnp.float32
-  assert aux['pred_patches'].shape == (3, 256, 12)
-  assert aux['mask'].shape == (3, 256)
-  np.testing.assert_array_equal(aux['mask'].sum(axis=1), [192.0] * 3)
+  assert aux['pred_patches'].shape == (3, 64, 48)
+  assert aux['mask'].shape == (3, 64)
+  np.testing.assert_array_equal(aux['mask'].sum(axis=1), [48.0] * 3)
   assert not np.array_equal(aux['mask'][0], aux['mask'][1])
-  np.testing.assert_allclose(mae.unpatchify(aux['pred_patches'], 2, 32, 32), recon)
-
-  def visible(m, x):
-    return m.encoder.encode_visible(x, mask_ratio=0.75, train=False)
-
-  key = {'masking': jax.random.key(7)}
-  tokens, mask, _ = ae.apply(variables, x, method=visible, rngs=key)
-  assert tokens.shape == (3, 1 + 64, 16)
-  # Scrambling the pixels of removed patches does not change what the encoder sees.
-  noise = mae.unpatchify(mae.patchify(_images(3, seed=9), 2) * mask[..., None], 2, 32, 32)
-  tokens2, mask2, _ = ae.apply(variables, x + noise, method=visible, rngs=key)
-  np.testing.assert_array_equal(mask, mask2)
+  np.testing.assert_allclose(mae.unpatchify(aux['pred_patches'], 4, 32, 32), recon)
+  _, aux_other_key, _ = run(variables, x, jax.random.key(6))
+  assert not np.array_equal(aux['mask'], aux_other_key['mask'])
+  # The encoder sees the cls token and the 16 visible patches only...
+  assert tokens.shape == (3, 1 + 16, 16)
+  # ...so noise inside the removed patches (same key: same mask) changes nothing.
+  noise = mae.unpatchify(mae.patchify(_images(3, seed=9), 4) * aux['mask'][..., None], 4, 32, 32)
+  assert float(jnp.max(jnp.abs(noise))) > 0.5
+  _, aux2, tokens2 = run(variables, x + noise, jax.random.key(5))
+  np.testing.assert_array_equal(aux['mask'], aux2['mask'])
   np.testing.assert_allclose(tokens, tokens2, rtol=1e-6, atol=1e-6)
+  # Noise in a visible patch does change them.
+  visible_noise = noise.at[:].set(0.0) + 0.5 * (1.0 - mae.unpatchify(
+      jnp.broadcast_to(aux['mask'][..., None], (3, 64, 48)), 4, 32, 32))
+  _, _, tokens3 = run(variables, x + visible_noise, jax.random.key(5))
+  assert not np.allclose(tokens, tokens3, atol=1e-4)
 
 
-def test_mae_features_are_deterministic_and_match_encode():
-  cfg = _tiny_mae()
+def test_mae_features_are_deterministic_and_match_encode(tiny):
+  cfg, variables = tiny['mae']
   ae = models.build_autoencoder(cfg)
-  x = _images(2)
-  variables = ae.init(RNGS, x, train=False)
-  # No 'masking' rng needed: nothing is masked when extracting features.
-  f1 = ae.apply(variables, x, method='encode')
-  f2 = ae.apply(variables, x, method='encode', rngs={'masking': jax.random.key(3)})
+  ae0 = models.build_autoencoder(_tiny_mae(mask_ratio=0.0))
+  ae_norm_pix = models.build_autoencoder(_tiny_mae(norm_pix_loss=True))
   enc = models.build_encoder(cfg)
-  f3 = enc.apply({'params': variables['params']['encoder']}, x, train=False)
+
+  @jax.jit
+  def run(variables, x, key):
+    # No 'masking' rng needed: nothing is masked when extracting features.
+    f1 = ae.apply(variables, x, method='encode')
+    f2 = ae.apply(variables, x, method='encode', rngs={'masking': key})
+    f3 = enc.apply({'params': variables['params']['encoder']}, x, train=False)
+    # mask_ratio=0: the autoencoder masks nothing and needs no rng.
+    r1, aux1 = ae0.apply(variables, x, train=True)
+    r2, _ = ae0.apply(variables, x, train=True, rngs={'masking': key})
+    norm_pix = ae_norm_pix.apply(variables, x, train=True, rngs={'masking': key})
+    return f1, f2, f3, r1, aux1, r2, norm_pix
+
+  x = _images(2)
+  f1, f2, f3, r1, aux1, r2, (recon, aux) = run(variables, x, jax.random.key(3))
   assert f1.shape == (2, 16)
   np.testing.assert_array_equal(f1, f2)
   np.testing.assert_array_equal(f1, f3)
-
-  # mask_ratio=0: the autoencoder masks nothing and is deterministic.
-  ae0 = models.build_autoencoder(_tiny_mae(mask_ratio=0.0))
-  r1, aux1 = ae0.apply(variables, x, train=True)
-  r2, _ = ae0.apply(variables, x, train=True, rngs={'masking': jax.random.key(4)})
   np.testing.assert_array_equal(aux1['mask'], np.zeros((2, 64)))
   np.testing.assert_array_equal(r1, r2)
-
-
-def test_mae_norm_pix_reconstruction_uses_input_patch_stats():
-  cfg = _tiny_mae(norm_pix_loss=True)
-  ae = models.build_autoencoder(cfg)
-  x = _images(2)
-  variables = ae.init(RNGS, x, train=False)
-  recon, aux = ae.apply(variables, x, train=True)
+  # norm_pix_loss: the prediction is in normalized-patch units and the
+  # reconstruction maps it back with the input patches' mean and std.
   mean, std = mae.patch_mean_std(mae.patchify(x, 4))
   np.testing.assert_allclose(mae.patchify(recon, 4), aux['pred_patches'] * std + mean,
-                             rtol=1e-5, atol=1e-6)
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_sincos_position_embedding_is_not_a_param():
@@ -235,22 +294,25 @@ def test_sincos_position_embedding_is_not_a_param():
   assert 'pos_embedding' not in fixed['params']['decoder']
 
 
-@pytest.mark.parametrize('model_config', [
-    fc_config.get_config('runlocal').model,
-    conv_config.get_config('192').model,
-    _tiny_mae(),
-], ids=['fc', 'conv', 'mae'])
-def test_bfloat16_forward_keeps_float32_params(model_config):
+@pytest.mark.parametrize('name', ['fc', 'conv', 'mae'])
+def test_bfloat16_forward_keeps_float32_params(tiny, name):
+  model_config, variables = tiny[name]
   model_config = ml_collections.ConfigDict(model_config.to_dict())
   model_config.dtype = 'bfloat16'
   ae = models.build_autoencoder(model_config)
   x = _images(2)
-  variables = ae.init(RNGS, x, train=False)
-  assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-  recon, _ = ae.apply(variables, x, train=True, rngs={'masking': jax.random.key(2)})
+  shapes = jax.eval_shape(lambda x: ae.init(RNGS, x, train=False), x)
+  assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+
+  @jax.jit
+  def run(variables, x, key):
+    recon, _ = ae.apply(variables, x, train=True, rngs={'masking': key})
+    return recon, ae.apply(variables, x, method='encode')
+
+  recon, features = run(variables, x, jax.random.key(2))
   assert recon.shape == (2, 32, 32, 3)
   assert bool(jnp.all(jnp.isfinite(recon)))
-  assert ae.apply(variables, x, method='encode').dtype == jnp.bfloat16
+  assert features.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize('overrides, words', [

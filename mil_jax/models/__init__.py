@@ -10,7 +10,8 @@ compute dtype; params are always float32.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 from ml_collections import config_flags
 
 from mil_jax import models

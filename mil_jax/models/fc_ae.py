@@ -8,7 +8,8 @@ the tanh, so it could only output [0, 1) while pixels lie in [-1, 1].
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
