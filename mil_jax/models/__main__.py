@@ -10,17 +10,14 @@ Shapes come from ``jax.eval_shape``: nothing is allocated or computed.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
 from ml_collections import config_flags
 
-from mil_jax import models
-from mil_jax.errors import UserError
+from mil_jax import cli, models
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'model config file[:variant]',
                                           lock_config=True)
@@ -67,31 +64,13 @@ def summarize(model_config: Mapping[str, Any]) -> tuple[list[str], dict[str, Any
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    cli.fail(f'unexpected arguments {argv[1:]}; flags are written --name=value.')
   if _CONFIG.value is None:
-    print('error: --config is required, e.g. --config configs/mae.py:seed.', file=sys.stderr)
-    sys.exit(2)
-  try:
-    lines, summary = summarize(_CONFIG.value.model)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail('no config given; pass e.g. --config configs/mae.py:seed.')
+  lines, summary = summarize(_CONFIG.value.model)
   print('\n'.join(lines))
   print(json.dumps(summary))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  # A bad --config (unknown variant, missing file) is the user's mistake:
-  # one sentence and exit 2, where absl would exit 1.
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    # config_flags puts the get_config traceback inside the message; its
-    # first line names the flag and its last line the cause.
-    text = str(e).strip().splitlines()
-    print(f'error: {text[0]} {text[-1]}' if len(text) > 1 else f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main)  # a UserError ends in one sentence on stderr and exit code 2

@@ -1,0 +1,124 @@
+"""Tests of mil_jax.losses: values, masking, normalized targets, dispatch."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import fc as fc_config
+from configs import mae as mae_config
+from mil_jax import losses
+from mil_jax.errors import UserError
+from mil_jax.models import mae
+
+
+def _images(seed: int, batch: int = 3) -> np.ndarray:
+  return np.random.default_rng(seed).uniform(-1, 1, (batch, 32, 32, 3)).astype(np.float32)
+
+
+def _mask(batch: int = 3, num_patches: int = 64, seed: int = 0) -> np.ndarray:
+  _, mask, _ = mae.random_masking(jax.random.key(seed), batch, num_patches, 0.75)
+  return np.asarray(mask)
+
+
+def test_l2_and_l1_match_numpy():
+  recon, images = _images(0), _images(1)
+  for loss, err in ((losses.l2, np.square), (losses.l1, np.abs)):
+    scalar, per_example = loss(jnp.asarray(recon), jnp.asarray(images))
+    want = err(recon - images).reshape(3, -1).mean(axis=1)
+    assert per_example.shape == (3,)
+    np.testing.assert_allclose(per_example, want, rtol=1e-5)
+    np.testing.assert_allclose(scalar, want.mean(), rtol=1e-5)
+  assert float(losses.l2(jnp.asarray(images), jnp.asarray(images))[0]) == 0.0
+
+
+def test_masked_l2_averages_over_removed_patches_only():
+  pred = np.random.default_rng(2).normal(size=(3, 64, 48)).astype(np.float32)
+  images, mask = _images(3), _mask()
+  scalar, per_example = losses.masked_l2(pred, images, mask, patch_size=4, norm_pix=False)
+  per_patch = np.square(pred - np.asarray(mae.patchify(images, 4))).mean(axis=-1)
+  want = np.array([per_patch[b][mask[b] == 1].mean() for b in range(3)])
+  assert per_example.shape == (3,)
+  np.testing.assert_allclose(per_example, want, rtol=1e-5)
+  np.testing.assert_allclose(scalar, per_patch[mask == 1].mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize('norm_pix', [False, True])
+def test_masked_l2_ignores_visible_target_pixels(norm_pix):
+  pred = np.random.default_rng(4).normal(size=(3, 64, 48)).astype(np.float32)
+  images, mask = _images(5), _mask()
+  base = losses.masked_l2(pred, images, mask, patch_size=4, norm_pix=norm_pix)
+  noise = np.random.default_rng(6).normal(size=(3, 64, 48)).astype(np.float32)
+  # Changing pixels inside visible patches leaves the loss unchanged...
+  visible_changed = mae.unpatchify(noise * (1 - mask)[..., None], 4, 32, 32) + images
+  after = losses.masked_l2(pred, visible_changed, mask, patch_size=4, norm_pix=norm_pix)
+  np.testing.assert_allclose(after[1], base[1], rtol=1e-6)
+  # ...changing pixels inside removed patches changes it, for every image.
+  masked_changed = mae.unpatchify(noise * mask[..., None], 4, 32, 32) + images
+  after = losses.masked_l2(pred, masked_changed, mask, patch_size=4, norm_pix=norm_pix)
+  assert np.all(np.abs(np.asarray(after[1]) - np.asarray(base[1])) > 1e-3)
+
+
+def test_masked_l2_gradient_is_zero_on_visible_patches():
+  pred = jnp.asarray(np.random.default_rng(7).normal(size=(3, 64, 48)), jnp.float32)
+  images, mask = _images(8), _mask()
+  grad = jax.grad(lambda p: losses.masked_l2(p, images, mask, patch_size=4, norm_pix=False)[0])(
+      pred)
+  norms = np.abs(np.asarray(grad)).sum(axis=-1)
+  assert np.all(norms[mask == 0] == 0.0)
+  assert np.all(norms[mask == 1] > 0.0)
+
+
+def test_norm_pix_targets_are_per_patch_normalized():
+  images, mask = _images(9), _mask()
+  target = np.asarray(mae.patchify(images, 4))
+  mean = target.mean(-1, keepdims=True)
+  normalized = (target - mean) / np.sqrt(target.var(-1, keepdims=True) + 1e-6)
+  loss, _ = losses.masked_l2(normalized, images, mask, patch_size=4, norm_pix=True)
+  assert float(loss) < 1e-8
+  # Brightness and contrast of a patch do not matter to normalized targets.
+  rescaled = mae.unpatchify(3.0 * target + 0.5, 4, 32, 32)
+  loss, _ = losses.masked_l2(normalized, rescaled, mask, patch_size=4, norm_pix=True)
+  assert float(loss) < 1e-6
+  loss, _ = losses.masked_l2(normalized, rescaled, mask, patch_size=4, norm_pix=False)
+  assert float(loss) > 0.1
+
+
+def test_masked_l2_with_nothing_removed_is_zero_not_nan():
+  pred = np.ones((2, 64, 48), np.float32)
+  scalar, per_example = losses.masked_l2(pred, _images(0, 2), np.zeros((2, 64)), patch_size=4,
+                                         norm_pix=False)
+  assert float(scalar) == 0.0
+  np.testing.assert_array_equal(per_example, [0.0, 0.0])
+
+
+def test_pretrain_loss_dispatches_on_config_loss():
+  images, recon = _images(10), _images(11)
+  config = fc_config.get_config('l1')
+  np.testing.assert_allclose(losses.pretrain_loss(config, images, recon, {})[0],
+                             losses.l1(recon, images)[0])
+  config.loss = 'l2'
+  np.testing.assert_allclose(losses.pretrain_loss(config, images, recon, {})[0],
+                             losses.l2(recon, images)[0])
+
+  config = mae_config.get_config('seed')  # patch 2: 256 patches of 12 values
+  pred = np.random.default_rng(12).normal(size=(3, 256, 12)).astype(np.float32)
+  aux = {'pred_patches': pred, 'mask': _mask(num_patches=256)}
+  for norm_pix in (False, True):
+    config.model.norm_pix_loss = norm_pix
+    got = losses.pretrain_loss(config, images, recon, aux)
+    want = losses.masked_l2(pred, images, aux['mask'], patch_size=2, norm_pix=norm_pix)
+    np.testing.assert_allclose(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1])
+
+
+def test_pretrain_loss_user_errors():
+  images = _images(13)
+  with pytest.raises(UserError, match="'huber'.*l1, l2, masked_l2"):
+    losses.pretrain_loss(ml_collections.ConfigDict({'loss': 'huber'}), images, images, {})
+  config = fc_config.get_config()
+  config.loss = 'masked_l2'
+  with pytest.raises(UserError, match='mae'):
+    losses.pretrain_loss(config, images, images, {})
