@@ -87,6 +87,8 @@ def run(main: Callable[[list[str]], None]) -> None:
   """Runs ``main`` under absl with the design's exit codes."""
 
   def wrapped(argv: list[str]) -> None:
+    # Orbax and TFDS log every file they touch at INFO; the user wants the progress bar.
+    logging.set_verbosity(logging.INFO if flags.FLAGS.debug else logging.WARNING)
     try:
       main(argv)
     except UserError as e:

@@ -1,0 +1,109 @@
+"""Orbax checkpoints: the latest for resuming, the best by validation loss.
+
+A checkpoint is one step directory under ``workdir/checkpoints`` with three
+items: ``params``, ``opt_state`` and ``meta`` (JSON: the whole run config,
+which lets a later stage rebuild the model from the checkpoint alone, and the
+data position). Orbax writes into a temporary directory and renames it when
+complete, so a run killed mid-write never leaves a checkpoint that loads.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+from mil_jax.errors import UserError
+
+BEST_METRIC = 'eval/loss'
+
+
+def manager(directory: str | pathlib.Path, *, keep: int = 1, read_only: bool = False
+            ) -> ocp.CheckpointManager:
+  """A manager that keeps the ``keep`` latest steps and the one of lowest eval/loss."""
+  policy = ocp_managers.AnyPreservationPolicy([
+      ocp_managers.LatestN(n=keep),
+      ocp_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+                         keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only,
+                                         create=not read_only)
+  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+                               item_names=('params', 'opt_state', 'meta'))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any,
+         meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
+  """Starts an asynchronous save of ``step``; ``mngr.wait_until_finished()`` ends it."""
+  mngr.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any
+            ) -> tuple[Any, Any, dict[str, Any]]:
+  """Restores ``step`` into the structure, dtypes and shardings of the given trees."""
+  abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  out = mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract(params)),
+      opt_state=ocp.args.StandardRestore(abstract(opt_state)),
+      meta=ocp.args.JsonRestore()))
+  return out.params, out.opt_state, out.meta
+
+
+def best_step(mngr: ocp.CheckpointManager) -> int | None:
+  """The kept step of lowest validation loss, or None when none has metrics."""
+  scored = [(m[BEST_METRIC], s) for s in mngr.all_steps()
+            if (m := mngr.metrics(s)) and BEST_METRIC in m]
+  return min(scored)[1] if scored else None
+
+
+def find_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+  """Resolves a run directory, its ``checkpoints/`` or one step directory.
+
+  Returns:
+    ``(checkpoints directory, step)``: the best step of a run, or the given one.
+
+  Raises:
+    UserError: the path does not exist or holds no complete checkpoint.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise UserError(f'checkpoint path {str(path)!r} does not exist.')
+  if (path / 'meta').is_dir() and path.name.isdigit():
+    return path.parent, int(path.name)
+  directory = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
+  mngr = manager(directory, read_only=True)
+  try:
+    step = best_step(mngr)
+    step = mngr.latest_step() if step is None else step
+  finally:
+    mngr.close()
+  if step is None:
+    raise UserError(f'{str(path)!r} holds no complete checkpoint; pass a pretraining '
+                    'workdir or one of its checkpoints/<step> directories.')
+  return directory, step
+
+
+def read_meta(directory: pathlib.Path, step: int) -> dict[str, Any]:
+  """The JSON ``meta`` item of a checkpoint (no arrays are read)."""
+  return json.loads((directory / str(step) / 'meta' / 'metadata').read_text())
+
+
+def restore_params(directory: pathlib.Path, step: int) -> Any:
+  """The ``params`` item of a checkpoint, as host arrays with their saved structure."""
+  mngr = manager(directory, read_only=True)
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
+  finally:
+    mngr.close()
+
+
+def config_from_meta(meta: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The run config stored in a checkpoint's meta."""
+  return ml_collections.ConfigDict(meta['config'])

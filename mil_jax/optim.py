@@ -1,0 +1,136 @@
+"""Optimizers, learning-rate schedules and freezing, from a config's ``optim`` block.
+
+Freezing is a partition of the parameters by regex rules over their paths
+(``encoder/.*``): frozen leaves go through ``optax.set_to_zero()``, so they get
+no update, no optimizer state and no weight decay.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mil_jax.errors import UserError
+
+TRAIN, FREEZE = 'train', 'freeze'
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, *, steps_per_epoch: int,
+                  total_steps: int) -> optax.Schedule:
+  """The learning rate per step, advancing every step.
+
+  Schedules (``cfg.schedule``):
+    ``constant``       ``cfg.lr`` throughout.
+    ``exponential``    ``cfg.lr * cfg.decay_rate ** epoch`` (stepped each epoch).
+    ``cosine``         ``cfg.lr * (1 + cos(pi * t / T)) / 2`` with
+                       ``T = cfg.cosine_steps`` (0: the whole run); past ``T`` it
+                       rises again, as PyTorch's ``CosineAnnealingLR`` does.
+    ``warmup_cosine``  linear warmup over ``cfg.warmup_epochs`` epochs from 0,
+                       then cosine decay to 0 at the end of the run.
+  """
+  lr = cfg.lr
+  if cfg.schedule == 'constant':
+    return optax.constant_schedule(lr)
+  if cfg.schedule == 'exponential':
+    return optax.exponential_decay(lr, transition_steps=steps_per_epoch,
+                                   decay_rate=cfg.decay_rate, staircase=True)
+  if cfg.schedule == 'cosine':
+    period = cfg.cosine_steps or total_steps
+    return lambda step: lr * 0.5 * (1.0 + jnp.cos(math.pi * step / period))
+  if cfg.schedule == 'warmup_cosine':
+    warmup = min(cfg.warmup_epochs * steps_per_epoch, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+  raise UserError(f'unknown optim.schedule {cfg.schedule!r}; use constant, exponential, '
+                  'cosine or warmup_cosine.')
+
+
+def _decay_mask(params: Any) -> Any:
+  # Weight decay on matrices and kernels only, never on biases, norms or tokens.
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_base_optimizer(cfg: ml_collections.ConfigDict,
+                        schedule: optax.Schedule) -> optax.GradientTransformation:
+  """``cfg.name`` (adam | adamw | sgd) at ``schedule``, after optional gradient clipping.
+
+  ``sgd`` uses ``cfg.b1`` as its momentum (0: plain SGD).
+  """
+  if cfg.name == 'sgd':
+    opt = optax.sgd(schedule, momentum=cfg.b1 or None)
+  elif cfg.name == 'adam':
+    opt = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)
+  elif cfg.name == 'adamw':
+    opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                      mask=_decay_mask)
+  else:
+    raise UserError(f'unknown optim.name {cfg.name!r}; use adam, adamw or sgd.')
+  if cfg.grad_clip_norm:
+    opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
+  return opt
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+  """A pytree key path as ``'encoder/Dense_0/kernel'``."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
+def partition_labels(params: Any, rules: Sequence[tuple[str, str]]) -> Any:
+  """One label per parameter: that of the first rule whose regex matches its path.
+
+  Args:
+    params: the parameter pytree.
+    rules: ``(regex, label)`` pairs, e.g. ``[('encoder/.*', 'freeze'), ('.*', 'train')]``;
+      a regex must match the whole path.
+
+  Raises:
+    ValueError: a parameter that no rule matches, or a rule that matches no
+      parameter (almost always a typo in a path).
+  """
+  compiled = [(re.compile(rx), label) for rx, label in rules]
+  used = [False] * len(compiled)
+
+  def label_of(path, _):
+    name = path_str(path)
+    for i, (rx, label) in enumerate(compiled):
+      if rx.fullmatch(name):
+        used[i] = True
+        return label
+    raise ValueError(f'parameter {name!r} is matched by no rule of {[r for r, _ in rules]}')
+
+  labels = jax.tree_util.tree_map_with_path(label_of, params)
+  unused = [rules[i][0] for i, u in enumerate(used) if not u]
+  if unused:
+    raise ValueError(f'rules {unused} match no parameter')
+  return labels
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, steps_per_epoch: int,
+                   total_steps: int, freeze: Sequence[str] = ()
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer for ``params``, with the parameters matching ``freeze`` frozen.
+
+  Args:
+    cfg: the config's ``optim`` block.
+    params: the parameters (only their paths are read).
+    steps_per_epoch: optimizer steps per epoch.
+    total_steps: optimizer steps in the whole run.
+    freeze: regexes over parameter paths whose leaves are not trained.
+
+  Returns:
+    ``(optimizer, schedule)``.
+  """
+  schedule = make_schedule(cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  opt = make_base_optimizer(cfg, schedule)
+  if freeze:
+    rules = [(rx, FREEZE) for rx in freeze] + [('.*', TRAIN)]
+    labels = partition_labels(params, rules)
+    opt = optax.multi_transform({TRAIN: opt, FREEZE: optax.set_to_zero()}, labels)
+  return opt, schedule

@@ -1,0 +1,154 @@
+"""The pretraining stage: an autoencoder trained to reconstruct its input.
+
+``train_and_evaluate(config, workdir)`` trains ``config.model`` with
+``config.loss`` on ``config.data``, evaluates reconstruction each epoch,
+checkpoints (latest and best) under ``workdir/checkpoints``, resumes from
+there when rerun, and leaves ``metrics.jsonl``, TensorBoard events,
+``loss.png`` and ``reconstructions.png`` in ``workdir``.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mil_jax import checkpoint, losses, models, report, sharding, trainer
+from mil_jax import input_pipeline as ip
+from mil_jax import workdir as workdir_lib
+from mil_jax.errors import UserError
+from mil_jax.metric_writers import MetricWriter, read_metrics
+from mil_jax.models import mae as mae_lib
+from mil_jax.optim import make_optimizer
+
+NUM_SHOWN = 8  # images in reconstructions.png
+
+
+def shown_reconstruction(config: ml_collections.ConfigDict, images: jax.Array,
+                         reconstruction: jax.Array, aux: dict[str, jax.Array]) -> jax.Array:
+  """What a user sees as the reconstruction, in [-1, 1].
+
+  For the MAE, the visible patches are the input's own: only the removed ones
+  are predictions (as the MAE paper shows them).
+  """
+  if 'mask' in aux:
+    p = config.model.patch_size
+    mask = aux['mask'][..., None]
+    patches = (mae_lib.patchify(images, p) * (1 - mask)
+               + mae_lib.patchify(reconstruction, p) * mask)
+    reconstruction = mae_lib.unpatchify(patches, p, *images.shape[1:3])
+  return jnp.clip(reconstruction, -1.0, 1.0)
+
+
+def make_task(config: ml_collections.ConfigDict, model: nn.Module
+              ) -> tuple[trainer.LossFn, trainer.EvalFn]:
+  """The loss and evaluation functions of autoencoder pretraining."""
+
+  def apply(params, x, train, rngs):
+    return model.apply({'params': params}, x, train=train, rngs=rngs)
+
+  def loss_fn(params, images, labels, rngs):
+    del labels
+    x = ip.prepare_batch(rngs['augment'], images, augment_images=config.data.augment)
+    reconstruction, aux = apply(params, x, True, rngs)
+    loss, _ = losses.pretrain_loss(config, x, reconstruction, aux)
+    return loss, {}
+
+  def eval_fn(params, images, labels, rng):
+    del labels
+    x = ip.to_float(images)
+    reconstruction, aux = apply(params, x, False, {'masking': rng})
+    _, per_example = losses.pretrain_loss(config, x, reconstruction, aux)
+    shown = shown_reconstruction(config, x, reconstruction, aux)
+    mse = jnp.mean(jnp.square(shown - x), axis=(1, 2, 3))
+    # Pixels span 2 in [-1, 1]: PSNR = 10 log10(2^2 / MSE), the same as on [0, 1].
+    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
+    return {'loss': per_example, 'mse': mse, 'psnr': psnr}
+
+  return loss_fn, eval_fn
+
+
+def init_params(config: ml_collections.ConfigDict, model: nn.Module,
+                mesh: jax.sharding.Mesh) -> Any:
+  """Model parameters, created directly replicated on the mesh."""
+  rngs = {'params': jax.random.key(config.seed), 'masking': jax.random.key(config.seed + 1)}
+  dummy = jnp.zeros((1, *ip.IMAGE_SHAPE), jnp.float32)
+  init = lambda: model.init(rngs, dummy, train=False)['params']
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+
+
+def save_reconstructions(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
+                         data: ip.DeviceSplit, path: pathlib.Path) -> None:
+  """``reconstructions.png``: originals over reconstructions (MAE: + masked input)."""
+
+  @jax.jit
+  def run(params, images):
+    x = ip.to_float(images)
+    rng = jax.random.fold_in(jax.random.key(config.seed), 0x5EED)
+    reconstruction, aux = model.apply({'params': params}, x, train=False, rngs={'masking': rng})
+    rows = {'original': x, 'reconstruction': shown_reconstruction(config, x, reconstruction, aux)}
+    if 'mask' in aux:
+      p = config.model.patch_size
+      grey = mae_lib.patchify(x, p) * (1 - aux['mask'][..., None])
+      rows['masked input'] = mae_lib.unpatchify(grey, p, *x.shape[1:3])
+    return rows
+
+  count = min(NUM_SHOWN, len(data))
+  rows = jax.device_get(run(params, data.images[:count]))
+  order = [k for k in ('original', 'masked input', 'reconstruction') if k in rows]
+  report.plot_image_rows([(k, np.asarray(rows[k])) for k in order], path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       overwrite: bool = False) -> dict[str, float]:
+  """Pretrains ``config.model`` and returns the final validation metrics.
+
+  Args:
+    config: a pretraining config (``configs/fc.py``, ``conv.py``, ``mae.py``).
+    workdir: where checkpoints, metrics and pictures go; rerunning with the
+      same workdir resumes.
+    overwrite: replace a run of a different config found in ``workdir``.
+
+  Returns:
+    ``{'eval/loss', 'eval/mse', 'eval/psnr'}`` of the final parameters.
+  """
+  sharding.initialize_distributed()
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.batch_size, mesh)
+  model = models.build_autoencoder(config.model)
+  if config.num_epochs < 1:
+    raise UserError(f'num_epochs must be at least 1, got {config.num_epochs}.')
+  train_split = ip.load_split(config.data, config.data.train_split)
+  eval_split = ip.load_split(config.data, config.data.eval_split)
+  workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
+
+  train_data = ip.DeviceSplit.create(train_split, mesh)
+  eval_data = ip.DeviceSplit.create(eval_split, mesh)
+  params = init_params(config, model, mesh)
+  spe = ip.steps_per_epoch(len(train_data), config.batch_size)
+  tx, schedule = make_optimizer(config.optim, params, steps_per_epoch=max(spe, 1),
+                                total_steps=max(spe, 1) * config.num_epochs)
+  loss_fn, eval_fn = make_task(config, model)
+  loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
+                         schedule=schedule, train_data=train_data, eval_data=eval_data)
+  mngr = checkpoint.manager(workdir / 'checkpoints', keep=config.keep_checkpoints)
+  writer = MetricWriter(workdir)
+  try:
+    state = loop.restore_latest(loop.init_state(params), mngr)
+    if int(state.step):
+      print(f'resuming from step {int(state.step)} in {workdir}', flush=True)
+    meta = {'stage': 'pretrain', 'config': config.to_dict(), 'steps_per_epoch': spe}
+    state = loop.fit(state, writer=writer, mngr=mngr, meta=meta)
+    final = loop.evaluate(state.params)
+    if jax.process_index() == 0:
+      report.plot_loss(read_metrics(workdir), workdir / 'loss.png')
+      save_reconstructions(config, model, state.params, eval_data,
+                           workdir / 'reconstructions.png')
+  finally:
+    writer.close()
+    mngr.close()
+  return final

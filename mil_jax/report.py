@@ -1,0 +1,74 @@
+"""The run's pictures: loss curves, reconstructions, accuracy curves (PNG)."""
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use('Agg')  # Files only; never open a window.
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _per_epoch(records: Sequence[dict[str, Any]], name: str) -> tuple[list[float], list[float]]:
+  """(epochs, values) of ``name``, the last record of each epoch."""
+  by_epoch: dict[float, float] = {}
+  for r in records:
+    if name in r and r[name] is not None:
+      by_epoch[r['epoch']] = r[name]
+  epochs = sorted(by_epoch)
+  return epochs, [by_epoch[e] for e in epochs]
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: str | pathlib.Path, *,
+                panels: Sequence[tuple[str, Sequence[str], bool]]) -> None:
+  """One panel per ``(title, metric names, log scale)``, metric vs epoch."""
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+  for ax, (title, names, log) in zip(axes[0], panels):
+    for name in names:
+      epochs, values = _per_epoch(records, name)
+      if epochs:
+        ax.plot(epochs, values, marker='.', label=name)
+    if log:
+      ax.set_yscale('log')
+    ax.set_xlabel('epoch')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_loss(records: Sequence[dict[str, Any]], path: str | pathlib.Path) -> None:
+  """Train and validation loss per epoch, log scale (as the study plotted)."""
+  plot_curves(records, path, panels=[('loss', ['train/loss', 'eval/loss'], True)])
+
+
+def plot_accuracy(records: Sequence[dict[str, Any]], path: str | pathlib.Path) -> None:
+  """Validation loss and accuracy per epoch."""
+  plot_curves(records, path, panels=[('loss', ['train/loss', 'eval/loss'], False),
+                                     ('accuracy', ['eval/accuracy', 'eval/top5'], False)])
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Images in [-1, 1] -> uint8."""
+  return np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+
+
+def plot_image_rows(rows: Sequence[tuple[str, np.ndarray]], path: str | pathlib.Path) -> None:
+  """A grid: one row per ``(label, images [K, H, W, 3] in [-1, 1])``."""
+  k = len(rows[0][1])
+  fig, axes = plt.subplots(len(rows), k, figsize=(k * 1.1, len(rows) * 1.2), squeeze=False)
+  for r, (label, images) in enumerate(rows):
+    for c in range(k):
+      ax = axes[r][c]
+      ax.imshow(to_uint8(images[c]), interpolation='nearest')
+      ax.set_xticks([])
+      ax.set_yticks([])
+    axes[r][0].set_ylabel(label, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

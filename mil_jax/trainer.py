@@ -1,0 +1,272 @@
+"""The one training loop both stages share: jitted steps, evaluation, checkpoints.
+
+A stage (pretraining, classification) supplies two pure functions over a batch
+of uint8 images gathered on the device, and the trainer does the rest:
+
+  ``loss_fn(params, images, labels, rngs) -> (loss, metrics)``: the training
+      objective of one batch, ``rngs`` a dict of named keys
+      (``'dropout'``, ``'masking'``, ``'augment'``).
+  ``eval_fn(params, images, labels, rng) -> {name: [B] per-example values}``:
+      the validation metrics; the trainer averages them over every example.
+
+Steps run ``steps_per_dispatch`` at a time under ``lax.scan`` in one jitted
+call that donates the state; the batch of step ``t`` comes from the epoch
+permutation of ``(seed, t // steps_per_epoch)`` and its randomness from
+``fold_in(key(seed), t)``, so a resumed run repeats an uninterrupted one.
+Metrics reach the host only at logging, checkpoint and epoch boundaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from mil_jax import checkpoint, sharding
+from mil_jax import input_pipeline as ip
+from mil_jax.errors import UserError
+from mil_jax.metric_writers import MetricWriter
+
+RNG_STREAMS = ('dropout', 'masking', 'augment')
+LossFn = Callable[[Any, jax.Array, jax.Array, dict[str, jax.Array]],
+                  tuple[jax.Array, dict[str, jax.Array]]]
+EvalFn = Callable[[Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
+
+
+class TrainingDiverged(UserError):
+  """The loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+  """SIGINT or SIGTERM arrived; a checkpoint of the current step was saved."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f'stopped by signal {signal.Signals(signum).name} at step {step}; '
+                     'a checkpoint was saved, rerun the same command to resume.')
+    self.signum = signum
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What a step changes: the step counter, the parameters, the optimizer state."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def step_rngs(seed: int, step: jax.Array) -> dict[str, jax.Array]:
+  """The named keys of one step: a function of ``(seed, step)`` only."""
+  rng = jax.random.fold_in(jax.random.key(seed), step)
+  return {name: jax.random.fold_in(rng, i) for i, name in enumerate(RNG_STREAMS)}
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Trains ``params`` with ``tx`` on ``train_data``, evaluating on ``eval_data``.
+
+  Attributes:
+    config: the run config (its loop fields: ``seed``, ``batch_size``,
+      ``num_epochs``, ``steps_per_dispatch``, ``log_every_steps``,
+      ``eval_every_epochs``, ``checkpoint_every_steps``).
+    mesh: the device mesh; batches are split over its ``'data'`` axis.
+    loss_fn, eval_fn: see the module docstring.
+    tx, schedule: the optimizer and its learning rate per step.
+    train_data, eval_data: the splits, already on the devices.
+  """
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  loss_fn: LossFn
+  eval_fn: EvalFn
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  train_data: ip.DeviceSplit
+  eval_data: ip.DeviceSplit
+
+  def __post_init__(self):
+    cfg = self.config
+    sharding.check_batch_size(cfg.batch_size, self.mesh)
+    self.steps_per_epoch = ip.steps_per_epoch(len(self.train_data), cfg.batch_size)
+    if self.steps_per_epoch < 1:
+      raise UserError(f'the training split has {len(self.train_data)} examples, fewer than '
+                      f'one batch of {cfg.batch_size}; lower --config.batch_size.')
+    self.total_steps = self.steps_per_epoch * cfg.num_epochs
+    repl = sharding.replicated(self.mesh)
+    self._batch_sharding = sharding.batch_sharded(self.mesh)
+    self.train_chunk = jax.jit(self._train_chunk, static_argnums=3, donate_argnums=0,
+                               in_shardings=(repl, repl, repl), out_shardings=repl)
+    self.permutation = jax.jit(self._permutation, out_shardings=repl)
+    self.evaluate_fn = jax.jit(self._evaluate, out_shardings=repl)
+    idx, valid = ip.eval_indices(len(self.eval_data), cfg.batch_size)
+    self._eval_idx, self._eval_valid = sharding.put_replicated((idx, valid), self.mesh)
+
+  # ------------------------------------------------------------------ jitted
+
+  def init_state(self, params: Any) -> TrainState:
+    """A state at step 0, replicated over the mesh."""
+    repl = sharding.replicated(self.mesh)
+    opt_state = jax.jit(self.tx.init, out_shardings=repl)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params,
+                      opt_state=opt_state)
+
+  def _permutation(self, step: jax.Array) -> jax.Array:
+    return ip.epoch_permutation(self.config.seed, step // self.steps_per_epoch,
+                                len(self.train_data))
+
+  def _train_step(self, state: TrainState, data: ip.DeviceSplit, perm: jax.Array
+                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+    step_in_epoch = state.step % self.steps_per_epoch
+    images, labels = ip.train_batch(data, perm, step_in_epoch, self.config.batch_size)
+    images = jax.lax.with_sharding_constraint(images, self._batch_sharding)
+    labels = jax.lax.with_sharding_constraint(labels, self._batch_sharding)
+    rngs = step_rngs(self.config.seed, state.step)
+    (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+        state.params, images, labels, rngs)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'train/loss': loss, 'train/grad_norm': optax.global_norm(grads),
+               'train/lr': jnp.asarray(self.schedule(state.step), jnp.float32), **metrics}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def _train_chunk(self, state: TrainState, data: ip.DeviceSplit, perm: jax.Array,
+                   num_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``num_steps`` train steps in one program; metrics stacked ``[num_steps]``."""
+    if num_steps == 1:
+      state, metrics = self._train_step(state, data, perm)
+      return state, jax.tree.map(lambda m: m[None], metrics)
+    return jax.lax.scan(lambda s, _: self._train_step(s, data, perm), state, None,
+                        length=num_steps)
+
+  def _evaluate(self, params: Any, data: ip.DeviceSplit, idx: jax.Array, valid: jax.Array
+                ) -> dict[str, jax.Array]:
+    """Means of ``eval_fn`` over every example of ``data``, in one program."""
+    rng = jax.random.fold_in(jax.random.key(self.config.seed), 0x5EED)
+
+    def batch_sums(b: jax.Array) -> dict[str, jax.Array]:
+      images = jax.lax.with_sharding_constraint(data.images[idx[b]], self._batch_sharding)
+      labels = jax.lax.with_sharding_constraint(data.labels[idx[b]], self._batch_sharding)
+      values = self.eval_fn(params, images, labels, jax.random.fold_in(rng, b))
+      return {k: jnp.sum(jnp.where(valid[b], v.astype(jnp.float32), 0.0))
+              for k, v in values.items()}
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch_sums, 0))
+    sums = jax.lax.fori_loop(0, idx.shape[0],
+                             lambda b, acc: jax.tree.map(jnp.add, acc, batch_sums(b)), zeros)
+    count = jnp.sum(valid)
+    return {k: v / count for k, v in sums.items()}
+
+  def evaluate(self, params: Any) -> dict[str, float]:
+    """Validation metrics of ``params`` over the whole eval split (host floats)."""
+    out = self.evaluate_fn(params, self.eval_data, self._eval_idx, self._eval_valid)
+    return {f'eval/{k}': float(v) for k, v in jax.device_get(out).items()}
+
+  # ------------------------------------------------------------------ loop
+
+  def fit(self, state: TrainState, *, writer: MetricWriter, mngr: ocp.CheckpointManager,
+          meta: dict[str, Any]) -> TrainState:
+    """Trains from ``state.step`` to the end of the run.
+
+    Saves to ``mngr`` every ``checkpoint_every_steps`` and at every epoch end
+    (with validation metrics, so the best is kept), stops with
+    :class:`TrainingDiverged` on a non-finite loss without saving it, and with
+    :class:`Interrupted` after saving when SIGINT/SIGTERM arrives.
+    """
+    cfg = self.config
+    spe, k_max = self.steps_per_epoch, max(1, cfg.steps_per_dispatch)
+    step = int(state.step)
+    stop: list[int] = []
+    old_handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+      while step < self.total_steps:
+        epoch = step // spe
+        perm = self.permutation(state.step)
+        pending: list[dict[str, jax.Array]] = []
+        epoch_losses: list[float] = []
+        bar = tqdm.tqdm(total=spe, initial=step % spe, desc=f'epoch {epoch + 1}/{cfg.num_epochs}',
+                        disable=None, leave=False, unit='step', file=sys.stderr)
+        last_log, t_log = step, time.perf_counter()
+        while step < (epoch + 1) * spe:
+          k = min(k_max, (epoch + 1) * spe - step)
+          state, metrics = self.train_chunk(state, self.train_data, perm, k)
+          pending.append(metrics)
+          step += k
+          end_of_epoch = step == (epoch + 1) * spe
+          log_now = end_of_epoch or step // cfg.log_every_steps > last_log // cfg.log_every_steps
+          ckpt_now = step // cfg.checkpoint_every_steps > (step - k) // cfg.checkpoint_every_steps
+          if log_now or ckpt_now or stop:
+            host = self._flush(pending, step)
+            pending = []
+            epoch_losses.extend(host['train/loss'])
+            now = time.perf_counter()
+            rate = (step - last_log) * cfg.batch_size / max(now - t_log, 1e-9)
+            means = {name: float(np.mean(v)) for name, v in host.items()}
+            writer.write(step, step / spe, {**means, 'train/images_per_s': rate})
+            bar.update(step - last_log - 0)
+            bar.set_postfix(loss=f'{means["train/loss"]:.4g}', img_s=f'{rate:,.0f}')
+            last_log, t_log = step, now
+          if stop:
+            self._save(mngr, state, meta, step, None)
+            mngr.wait_until_finished()
+            raise Interrupted(stop[0], step)
+          if ckpt_now and not end_of_epoch:
+            self._save(mngr, state, meta, step, None)
+        bar.close()
+        summary = {'train/loss': float(np.mean(epoch_losses))} if epoch_losses else {}
+        last_epoch = epoch + 1 == cfg.num_epochs
+        if (epoch + 1) % cfg.eval_every_epochs == 0 or last_epoch:
+          summary.update(self.evaluate(state.params))
+        writer.write(step, epoch + 1, summary)
+        print(f'epoch {epoch + 1}/{cfg.num_epochs} step {step}: '
+              + ', '.join(f'{k} {v:.4g}' for k, v in summary.items()), flush=True)
+        metrics = {k: v for k, v in summary.items() if k == checkpoint.BEST_METRIC}
+        self._save(mngr, state, meta, step, metrics or None)
+    finally:
+      for s, handler in old_handlers.items():
+        signal.signal(s, handler)
+      mngr.wait_until_finished()
+    return state
+
+  def _flush(self, pending: list[dict[str, jax.Array]], step: int) -> dict[str, np.ndarray]:
+    """Brings pending metrics to the host and stops on a non-finite loss."""
+    host = jax.device_get(pending)
+    merged = {k: np.concatenate([np.asarray(m[k]).reshape(-1) for m in host]) for k in host[0]}
+    losses = merged['train/loss']
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+      first = step - len(losses) + int(bad[0]) + 1
+      raise TrainingDiverged(
+          f'the training loss became {losses[bad[0]]} at step {first}; nothing after the last '
+          'good checkpoint was saved, so lower --config.optim.lr (or set '
+          '--config.optim.grad_clip_norm) and rerun.')
+    return merged
+
+  def _save(self, mngr: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any],
+            step: int, metrics: dict[str, float] | None) -> None:
+    if metrics is not None and not all(math.isfinite(v) for v in metrics.values()):
+      metrics = None  # A NaN validation loss must not rank as "best".
+    meta = {**meta, 'step': step, 'epoch': step / self.steps_per_epoch}
+    checkpoint.save(mngr, step, params=state.params, opt_state=state.opt_state, meta=meta,
+                    metrics=metrics)
+
+  def restore_latest(self, state: TrainState, mngr: ocp.CheckpointManager) -> TrainState:
+    """``state`` replaced by the latest checkpoint of ``mngr``, if there is one."""
+    step = mngr.latest_step()
+    if step is None:
+      return state
+    params, opt_state, _ = checkpoint.restore(mngr, step, params=state.params,
+                                              opt_state=state.opt_state)
+    repl = sharding.replicated(self.mesh)
+    return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), repl),
+                      params=params, opt_state=opt_state)
