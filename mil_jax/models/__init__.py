@@ -83,9 +83,10 @@ def _resolve(model_config: Mapping[str, Any]) -> tuple[_Entry, dict[str, Any]]:
   if unknown:
     raise UserError(f'model {name!r} has no field(s) {sorted(unknown)}; '
                     f'its fields are {sorted(_module_fields(entry.autoencoder))}.')
-  if kwargs.get('dtype', 'float32') not in DTYPES:
-    raise UserError(f"model dtype must be one of {sorted(DTYPES)}, got {kwargs['dtype']!r}.")
-  kwargs['dtype'] = DTYPES[kwargs.get('dtype', 'float32')]
+  if 'dtype' in kwargs:
+    if kwargs['dtype'] not in DTYPES:
+      raise UserError(f"model dtype must be one of {sorted(DTYPES)}, got {kwargs['dtype']!r}.")
+    kwargs['dtype'] = DTYPES[kwargs['dtype']]
   # ConfigDict hands tuples back as tuples, but a JSON round trip gives lists;
   # module attributes should be hashable.
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
