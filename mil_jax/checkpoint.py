@@ -1,9 +1,10 @@
 """Orbax checkpoints: the latest for resuming, the best by validation loss.
 
-A checkpoint is one step directory under ``workdir/checkpoints`` with three
-items: ``params``, ``opt_state`` and ``meta`` (JSON: the whole run config,
-which lets a later stage rebuild the model from the checkpoint alone, and the
-data position). Orbax writes into a temporary directory and renames it when
+A checkpoint is one step directory under ``workdir/checkpoints`` with the
+items ``params``, ``opt_state``, ``model_state`` (only for models with
+non-trained collections such as BatchNorm statistics) and ``meta`` (JSON: the
+whole run config, which lets a later stage rebuild the model from the
+checkpoint alone, and the data position). Orbax writes into a temporary directory and renames it when
 complete, so a run killed mid-write never leaves a checkpoint that loads.
 """
 from __future__ import annotations
@@ -33,27 +34,34 @@ def manager(directory: str | pathlib.Path, *, keep: int = 1, read_only: bool = F
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only,
                                          create=not read_only)
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
-                               item_names=('params', 'opt_state', 'meta'))
+                               item_names=('params', 'opt_state', 'model_state', 'meta'))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any,
-         meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
+         model_state: Any, meta: dict[str, Any],
+         metrics: dict[str, float] | None = None) -> None:
   """Starts an asynchronous save of ``step``; ``mngr.wait_until_finished()`` ends it."""
-  mngr.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave(opt_state),
-      meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+  items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+               meta=ocp.args.JsonSave(meta))
+  if jax.tree.leaves(model_state):
+    items['model_state'] = ocp.args.StandardSave(model_state)
+  mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any
-            ) -> tuple[Any, Any, dict[str, Any]]:
-  """Restores ``step`` into the structure, dtypes and shardings of the given trees."""
+def restore(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any,
+            model_state: Any) -> dict[str, Any]:
+  """Restores ``step`` into the structure, dtypes and shardings of the given trees.
+
+  Returns:
+    ``{'params', 'opt_state', 'meta'}`` and ``'model_state'`` when there is one.
+  """
   abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-  out = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract(params)),
-      opt_state=ocp.args.StandardRestore(abstract(opt_state)),
-      meta=ocp.args.JsonRestore()))
-  return out.params, out.opt_state, out.meta
+  items = dict(params=ocp.args.StandardRestore(abstract(params)),
+               opt_state=ocp.args.StandardRestore(abstract(opt_state)),
+               meta=ocp.args.JsonRestore())
+  if jax.tree.leaves(model_state):
+    items['model_state'] = ocp.args.StandardRestore(abstract(model_state))
+  return dict(mngr.restore(step, args=ocp.args.Composite(**items)).items())
 
 
 def best_step(mngr: ocp.CheckpointManager) -> int | None:

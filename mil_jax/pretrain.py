@@ -51,15 +51,15 @@ def make_task(config: ml_collections.ConfigDict, model: nn.Module
   def apply(params, x, train, rngs):
     return model.apply({'params': params}, x, train=train, rngs=rngs)
 
-  def loss_fn(params, images, labels, rngs):
+  def loss_fn(params, model_state, images, labels, rngs):
     del labels
     x = ip.prepare_batch(rngs['augment'], images, augment_images=config.data.augment)
     reconstruction, aux = apply(params, x, True, rngs)
     loss, _ = losses.pretrain_loss(config, x, reconstruction, aux)
-    return loss, {}
+    return loss, ({}, model_state)
 
-  def eval_fn(params, images, labels, rng):
-    del labels
+  def eval_fn(params, model_state, images, labels, rng):
+    del model_state, labels
     x = ip.to_float(images)
     reconstruction, aux = apply(params, x, False, {'masking': rng})
     _, per_example = losses.pretrain_loss(config, x, reconstruction, aux)
@@ -143,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       print(f'resuming from step {int(state.step)} in {workdir}', flush=True)
     meta = {'stage': 'pretrain', 'config': config.to_dict(), 'steps_per_epoch': spe}
     state = loop.fit(state, writer=writer, mngr=mngr, meta=meta)
-    final = loop.evaluate(state.params)
+    final = loop.evaluate(state)
     if jax.process_index() == 0:
       report.plot_loss(read_metrics(workdir), workdir / 'loss.png')
       save_reconstructions(config, model, state.params, eval_data,

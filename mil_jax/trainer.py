@@ -3,11 +3,14 @@
 A stage (pretraining, classification) supplies two pure functions over a batch
 of uint8 images gathered on the device, and the trainer does the rest:
 
-  ``loss_fn(params, images, labels, rngs) -> (loss, metrics)``: the training
-      objective of one batch, ``rngs`` a dict of named keys
-      (``'dropout'``, ``'masking'``, ``'augment'``).
-  ``eval_fn(params, images, labels, rng) -> {name: [B] per-example values}``:
-      the validation metrics; the trainer averages them over every example.
+  ``loss_fn(params, model_state, images, labels, rngs)
+      -> (loss, (metrics, new_model_state))``: the training objective of one
+      batch; ``rngs`` a dict of named keys (``'dropout'``, ``'masking'``,
+      ``'augment'``); ``model_state`` the model's non-trained collections
+      (``{'batch_stats': ...}``, or ``{}``).
+  ``eval_fn(params, model_state, images, labels, rng)
+      -> {name: [B] per-example values}``: the validation metrics; the trainer
+      averages them over every example.
 
 Steps run ``steps_per_dispatch`` at a time under ``lax.scan`` in one jitted
 call that donates the state; the batch of step ``t`` comes from the epoch
@@ -40,9 +43,9 @@ from mil_jax.errors import UserError
 from mil_jax.metric_writers import MetricWriter
 
 RNG_STREAMS = ('dropout', 'masking', 'augment')
-LossFn = Callable[[Any, jax.Array, jax.Array, dict[str, jax.Array]],
-                  tuple[jax.Array, dict[str, jax.Array]]]
-EvalFn = Callable[[Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
+LossFn = Callable[[Any, Any, jax.Array, jax.Array, dict[str, jax.Array]],
+                  tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
+EvalFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
 
 
 class TrainingDiverged(UserError):
@@ -60,10 +63,11 @@ class Interrupted(Exception):
 
 @flax.struct.dataclass
 class TrainState:
-  """What a step changes: the step counter, the parameters, the optimizer state."""
+  """What a step changes: step counter, parameters, optimizer and model state."""
   step: jax.Array
   params: Any
   opt_state: Any
+  model_state: Any  # non-trained collections, e.g. {'batch_stats': ...}; {} for most models
 
 
 def step_rngs(seed: int, step: jax.Array) -> dict[str, jax.Array]:
@@ -113,12 +117,12 @@ class Trainer:
 
   # ------------------------------------------------------------------ jitted
 
-  def init_state(self, params: Any) -> TrainState:
+  def init_state(self, params: Any, model_state: Any = None) -> TrainState:
     """A state at step 0, replicated over the mesh."""
     repl = sharding.replicated(self.mesh)
     opt_state = jax.jit(self.tx.init, out_shardings=repl)(params)
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params,
-                      opt_state=opt_state)
+                      opt_state=opt_state, model_state=model_state or {})
 
   def _permutation(self, step: jax.Array) -> jax.Array:
     return ip.epoch_permutation(self.config.seed, step // self.steps_per_epoch,
@@ -131,13 +135,14 @@ class Trainer:
     images = jax.lax.with_sharding_constraint(images, self._batch_sharding)
     labels = jax.lax.with_sharding_constraint(labels, self._batch_sharding)
     rngs = step_rngs(self.config.seed, state.step)
-    (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
-        state.params, images, labels, rngs)
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+        state.params, state.model_state, images, labels, rngs)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'train/loss': loss, 'train/grad_norm': optax.global_norm(grads),
                'train/lr': jnp.asarray(self.schedule(state.step), jnp.float32), **metrics}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      model_state=model_state), metrics
 
   def _train_chunk(self, state: TrainState, data: ip.DeviceSplit, perm: jax.Array,
                    num_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -148,15 +153,15 @@ class Trainer:
     return jax.lax.scan(lambda s, _: self._train_step(s, data, perm), state, None,
                         length=num_steps)
 
-  def _evaluate(self, params: Any, data: ip.DeviceSplit, idx: jax.Array, valid: jax.Array
-                ) -> dict[str, jax.Array]:
+  def _evaluate(self, params: Any, model_state: Any, data: ip.DeviceSplit, idx: jax.Array,
+                valid: jax.Array) -> dict[str, jax.Array]:
     """Means of ``eval_fn`` over every example of ``data``, in one program."""
     rng = jax.random.fold_in(jax.random.key(self.config.seed), 0x5EED)
 
     def batch_sums(b: jax.Array) -> dict[str, jax.Array]:
       images = jax.lax.with_sharding_constraint(data.images[idx[b]], self._batch_sharding)
       labels = jax.lax.with_sharding_constraint(data.labels[idx[b]], self._batch_sharding)
-      values = self.eval_fn(params, images, labels, jax.random.fold_in(rng, b))
+      values = self.eval_fn(params, model_state, images, labels, jax.random.fold_in(rng, b))
       return {k: jnp.sum(jnp.where(valid[b], v.astype(jnp.float32), 0.0))
               for k, v in values.items()}
 
@@ -166,9 +171,10 @@ class Trainer:
     count = jnp.sum(valid)
     return {k: v / count for k, v in sums.items()}
 
-  def evaluate(self, params: Any) -> dict[str, float]:
-    """Validation metrics of ``params`` over the whole eval split (host floats)."""
-    out = self.evaluate_fn(params, self.eval_data, self._eval_idx, self._eval_valid)
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    """Validation metrics of ``state`` over the whole eval split (host floats)."""
+    out = self.evaluate_fn(state.params, state.model_state, self.eval_data, self._eval_idx,
+                           self._eval_valid)
     return {f'eval/{k}': float(v) for k, v in jax.device_get(out).items()}
 
   # ------------------------------------------------------------------ loop
@@ -213,7 +219,7 @@ class Trainer:
             rate = (step - last_log) * cfg.batch_size / max(now - t_log, 1e-9)
             means = {name: float(np.mean(v)) for name, v in host.items()}
             writer.write(step, step / spe, {**means, 'train/images_per_s': rate})
-            bar.update(step - last_log - 0)
+            bar.update(step - last_log)
             bar.set_postfix(loss=f'{means["train/loss"]:.4g}', img_s=f'{rate:,.0f}')
             last_log, t_log = step, now
           if stop:
@@ -226,7 +232,7 @@ class Trainer:
         summary = {'train/loss': float(np.mean(epoch_losses))} if epoch_losses else {}
         last_epoch = epoch + 1 == cfg.num_epochs
         if (epoch + 1) % cfg.eval_every_epochs == 0 or last_epoch:
-          summary.update(self.evaluate(state.params))
+          summary.update(self.evaluate(state))
         writer.write(step, epoch + 1, summary)
         print(f'epoch {epoch + 1}/{cfg.num_epochs} step {step}: '
               + ', '.join(f'{k} {v:.4g}' for k, v in summary.items()), flush=True)
@@ -257,16 +263,17 @@ class Trainer:
     if metrics is not None and not all(math.isfinite(v) for v in metrics.values()):
       metrics = None  # A NaN validation loss must not rank as "best".
     meta = {**meta, 'step': step, 'epoch': step / self.steps_per_epoch}
-    checkpoint.save(mngr, step, params=state.params, opt_state=state.opt_state, meta=meta,
-                    metrics=metrics)
+    checkpoint.save(mngr, step, params=state.params, opt_state=state.opt_state,
+                    model_state=state.model_state, meta=meta, metrics=metrics)
 
   def restore_latest(self, state: TrainState, mngr: ocp.CheckpointManager) -> TrainState:
     """``state`` replaced by the latest checkpoint of ``mngr``, if there is one."""
     step = mngr.latest_step()
     if step is None:
       return state
-    params, opt_state, _ = checkpoint.restore(mngr, step, params=state.params,
-                                              opt_state=state.opt_state)
+    restored = checkpoint.restore(mngr, step, params=state.params, opt_state=state.opt_state,
+                                  model_state=state.model_state)
     repl = sharding.replicated(self.mesh)
     return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), repl),
-                      params=params, opt_state=opt_state)
+                      params=restored['params'], opt_state=restored['opt_state'],
+                      model_state=restored.get('model_state', {}))
