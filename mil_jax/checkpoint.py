@@ -23,16 +23,24 @@ from mil_jax.errors import UserError
 BEST_METRIC = 'eval/loss'
 
 
-def manager(directory: str | pathlib.Path, *, keep: int = 1, read_only: bool = False
+def _best_metric(metrics: dict[str, float]) -> float:
+  return metrics[BEST_METRIC]
+
+
+def manager(directory: str | pathlib.Path, *, keep: int = 1, create: bool = True
             ) -> ocp.CheckpointManager:
-  """A manager that keeps the ``keep`` latest steps and the one of lowest eval/loss."""
+  """A manager that keeps the ``keep`` latest steps and the one of lowest eval/loss.
+
+  ``best_fn`` makes orbax write each step's metrics next to it (so "best"
+  survives a restart); the preservation policy decides what is deleted.
+  """
   policy = ocp_managers.AnyPreservationPolicy([
       ocp_managers.LatestN(n=keep),
-      ocp_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+      ocp_managers.BestN(get_metric_fn=_best_metric, reverse=True, n=1,
                          keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only,
-                                         create=not read_only)
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_best_metric,
+                                         best_mode='min', create=create)
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
                                item_names=('params', 'opt_state', 'model_state', 'meta'))
 
@@ -64,13 +72,6 @@ def restore(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: A
   return dict(mngr.restore(step, args=ocp.args.Composite(**items)).items())
 
 
-def best_step(mngr: ocp.CheckpointManager) -> int | None:
-  """The kept step of lowest validation loss, or None when none has metrics."""
-  scored = [(m[BEST_METRIC], s) for s in mngr.all_steps()
-            if (m := mngr.metrics(s)) and BEST_METRIC in m]
-  return min(scored)[1] if scored else None
-
-
 def find_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
   """Resolves a run directory, its ``checkpoints/`` or one step directory.
 
@@ -86,10 +87,10 @@ def find_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
   if (path / 'meta').is_dir() and path.name.isdigit():
     return path.parent, int(path.name)
   directory = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
-  mngr = manager(directory, read_only=True)
+  mngr = manager(directory, create=False)
   try:
-    step = best_step(mngr)
-    step = mngr.latest_step() if step is None else step
+    step = mngr.best_step()
+    step = mngr.latest_step() if step is None else step  # no step had metrics
   finally:
     mngr.close()
   if step is None:
@@ -105,7 +106,7 @@ def read_meta(directory: pathlib.Path, step: int) -> dict[str, Any]:
 
 def restore_params(directory: pathlib.Path, step: int) -> Any:
   """The ``params`` item of a checkpoint, as host arrays with their saved structure."""
-  mngr = manager(directory, read_only=True)
+  mngr = manager(directory, create=False)
   try:
     return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
   finally:

@@ -32,7 +32,7 @@ def tiny(module, variant, optimizer='adam', **loop):
 
 def final_params(workdir):
   directory = workdir / 'checkpoints'
-  mngr = checkpoint.manager(directory, read_only=True)
+  mngr = checkpoint.manager(directory, create=False)
   step = mngr.latest_step()
   mngr.close()
   return step, checkpoint.restore_params(directory, step)

@@ -1,0 +1,302 @@
+"""The classifier stage: a head over a pretrained (or fresh) encoder, and kNN.
+
+``train_and_evaluate(config, workdir)`` restores the encoder of a pretraining
+checkpoint (its architecture comes from the config stored in the checkpoint),
+puts a linear (``probing``) or MLP (``fine_tune``) head on it and trains it,
+the encoder frozen by masked optimizer updates or fine-tuned; or, with
+``mode='knn'``, reports the k-nearest-neighbour accuracy of its features.
+A frozen encoder without augmentation is run once per image and the head
+trains on the cached features.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mil_jax import checkpoint, models, report, sharding, trainer
+from mil_jax import input_pipeline as ip
+from mil_jax import workdir as workdir_lib
+from mil_jax.errors import UserError
+from mil_jax.metric_writers import MetricWriter, read_metrics
+from mil_jax.models.heads import Classifier, LinearHead, MLPHead
+from mil_jax.optim import make_optimizer
+
+MODES = ('probing', 'fine_tune', 'knn')
+STUDY_HIDDEN = {'fc': 192}  # the study's MLP width; 150 for the others
+FREEZE_RULES = ('encoder/.*',)
+
+
+# --------------------------------------------------------------------------
+# Where the encoder comes from.
+
+
+def _type_config(spec: str) -> ml_collections.ConfigDict:
+  """The model block of ``configs/<type>.py[:variant]`` for ``spec = 'type[:variant]'``."""
+  from configs import conv, fc, mae  # noqa: PLC0415 (configs import mil_jax lazily)
+  kind, _, variant = spec.partition(':')
+  modules = {'fc': fc, 'conv': conv, 'mae': mae}
+  if kind not in modules:
+    raise UserError(f'unknown model type {kind!r}; use fc, conv or mae.')
+  try:
+    return modules[kind].get_config(variant or None).model
+  except ValueError as e:
+    raise UserError(f'{e}.') from None
+
+
+def newest_pretraining_run(runs_dir: str | pathlib.Path) -> pathlib.Path:
+  """The pretraining workdir under ``runs_dir`` with the most recent checkpoint."""
+  candidates = []
+  for config_file in pathlib.Path(runs_dir).glob(f'*/{workdir_lib.CONFIG_FILE}'):
+    run = config_file.parent
+    steps = [p for p in (run / 'checkpoints').glob('[0-9]*') if p.name.isdigit()]
+    if steps and 'loss' in json.loads(config_file.read_text()):  # pretraining configs have a loss
+      candidates.append((max(p.stat().st_mtime for p in steps), str(run)))
+  if not candidates:
+    raise UserError(f'no pretraining run found under {str(runs_dir)!r}; run train_pretrain.py '
+                    'first, pass --pretrained_path, or use --from_scratch --type fc|conv|mae.')
+  return pathlib.Path(max(candidates)[1])
+
+
+def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], Any, str]:
+  """The encoder's model config, its pretrained params (None: fresh) and a description."""
+  if config.from_scratch:
+    if config.freeze:
+      raise UserError('--freeze with --from_scratch would train a head on random features; '
+                      'pass --nofreeze, or drop --from_scratch.')
+    if not config.model_type:
+      raise UserError('--from_scratch needs --type fc|conv|mae to know which encoder to build.')
+    return dict(_type_config(config.model_type)), None, f'a fresh {config.model_type} encoder'
+  path = config.pretrained_path
+  if not path:
+    path = newest_pretraining_run(config.runs_dir)
+    print(f'using the newest pretraining run: {path}', flush=True)
+  directory, step = checkpoint.find_checkpoint(path)
+  meta = checkpoint.read_meta(directory, step)
+  if meta.get('stage') != 'pretrain':
+    raise UserError(f'{path} is a {meta.get("stage", "unknown")} checkpoint, not a pretraining '
+                    'one; pass a train_pretrain.py workdir.')
+  model_cfg = meta['config']['model']
+  if config.model_type:
+    expected = json.loads(_type_config(config.model_type).to_json())
+    diff = [f'{k} {model_cfg.get(k)!r} (not {v!r})' for k, v in expected.items()
+            if k != 'dtype' and model_cfg.get(k) != v]
+    if diff:
+      raise UserError(f'{path} holds a model with {", ".join(diff)}; drop --type or pass a '
+                      f'checkpoint of a {config.model_type} model.')
+  params = checkpoint.restore_params(directory, step)['encoder']
+  return model_cfg, params, f'{directory / str(step)}'
+
+
+# --------------------------------------------------------------------------
+# Heads, features, kNN.
+
+
+def build_classifier(config: ml_collections.ConfigDict, model_cfg: dict[str, Any],
+                     num_classes: int) -> Classifier:
+  """The encoder of ``model_cfg`` under the head of ``config.mode``."""
+  if config.mode == 'probing':
+    head = LinearHead(num_classes, batchnorm=config.head.batchnorm)
+  else:
+    hidden = config.head.hidden_dim or STUDY_HIDDEN.get(model_cfg['name'], 150)
+    head = MLPHead(num_classes, hidden, dropout_rate=config.head.dropout_rate)
+  return Classifier(models.build_encoder(model_cfg), head, frozen=config.freeze)
+
+
+def compute_features(clf: Classifier, params: Any, data: ip.DeviceSplit, batch_size: int,
+                     mesh: jax.sharding.Mesh) -> ip.DeviceSplit:
+  """Encoder features of every example, in inference mode: a split of [N, D] float32."""
+  idx, _ = ip.eval_indices(len(data), batch_size)
+  idx = sharding.put_replicated(idx, mesh)
+
+  @jax.jit
+  def run(params, images, idx):
+    def one(batch_idx):
+      x = ip.to_float(jax.lax.with_sharding_constraint(
+          images[batch_idx], sharding.batch_sharded(mesh)))
+      return clf.apply({'params': params}, x, train=False, method='features')
+    feats = jax.lax.map(one, idx)
+    return feats.reshape(-1, feats.shape[-1])[:len(data)].astype(jnp.float32)
+
+  return ip.DeviceSplit(run(params, data.images, idx), data.labels, data.num_classes)
+
+
+def knn_accuracy(train: ip.DeviceSplit, test: ip.DeviceSplit, *, k: int, temperature: float,
+                 batch_size: int) -> jax.Array:
+  """Weighted k-NN top-1 accuracy on cosine similarity (the SSL convention).
+
+  Args:
+    train, test: feature splits ``[N, D]`` with labels.
+    k: neighbours that vote; each vote weighs ``exp(cosine / temperature)``.
+    batch_size: test features per similarity block.
+  """
+  k = min(k, len(train))
+
+  @jax.jit
+  def run(train_f, train_y, test_f, test_y, idx, valid):
+    norm = lambda f: f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+    train_f = norm(train_f)
+
+    def correct(args):
+      b_idx, b_valid = args
+      sims, nn_idx = jax.lax.top_k(norm(test_f[b_idx]) @ train_f.T, k)
+      votes = jax.nn.one_hot(train_y[nn_idx], train.num_classes) * jnp.exp(
+          sims / temperature)[..., None]
+      hit = jnp.argmax(votes.sum(axis=1), axis=-1) == test_y[b_idx]
+      return jnp.sum(hit & b_valid)
+
+    return jnp.sum(jax.lax.map(correct, (idx, valid))) / jnp.sum(valid)
+
+  idx, valid = ip.eval_indices(len(test), batch_size)
+  return run(train.images, train.labels, test.images, test.labels, idx, valid)
+
+
+def make_task(config: ml_collections.ConfigDict, clf: Classifier, num_classes: int, *,
+              on_features: bool, augment: bool) -> tuple[trainer.LossFn, trainer.EvalFn]:
+  """Cross-entropy training and loss/top-1/top-5 evaluation of the classifier."""
+  method = 'classify' if on_features else None
+
+  def logits_of(params, model_state, inputs, train, rngs):
+    variables = {'params': params, **model_state}
+    if train and model_state:
+      return clf.apply(variables, inputs, train=True, rngs=rngs, method=method,
+                       mutable=list(model_state))
+    return clf.apply(variables, inputs, train=train, rngs=rngs, method=method), model_state
+
+  def inputs_of(batch, rng, train):
+    if on_features:
+      return batch
+    return ip.prepare_batch(rng, batch, augment_images=train and augment)
+
+  def loss_fn(params, model_state, batch, labels, rngs):
+    x = inputs_of(batch, rngs['augment'], True)
+    logits, model_state = logits_of(params, model_state, x, True, {'dropout': rngs['dropout']})
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), config.label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, ({'train/accuracy': accuracy}, model_state)
+
+  def eval_fn(params, model_state, batch, labels, rng):
+    logits, _ = logits_of(params, model_state, inputs_of(batch, rng, False), False, {})
+    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
+    return {'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+            'accuracy': (top5[:, 0] == labels).astype(jnp.float32),
+            'top5': jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)}
+
+  return loss_fn, eval_fn
+
+
+# --------------------------------------------------------------------------
+# The stage.
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  if config.mode not in MODES:
+    raise UserError(f'unknown mode {config.mode!r}; use probing, fine_tune or knn.')
+  if config.num_epochs < 1:
+    raise UserError(f'num_epochs must be at least 1, got {config.num_epochs}.')
+
+
+def _init(clf: Classifier, config: ml_collections.ConfigDict, encoder_params: Any,
+          mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """Replicated ``(params, model_state)``; the pretrained encoder dropped in unchanged."""
+  dummy = jnp.zeros((1, *ip.IMAGE_SHAPE), jnp.float32)
+  rngs = {'params': jax.random.key(config.seed), 'dropout': jax.random.key(config.seed + 1)}
+  init = lambda: clf.init(rngs, dummy, train=False)
+  variables = jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  params = dict(variables['params'])
+  if encoder_params is not None:
+    expected = jax.tree.map(lambda x: (x.shape, x.dtype), params['encoder'])
+    got = jax.tree.map(lambda x: (x.shape, x.dtype), encoder_params)
+    if expected != got:
+      raise UserError('the checkpoint\'s encoder weights do not fit the architecture in its '
+                      'stored config; the checkpoint is damaged or from another version.')
+    params['encoder'] = sharding.put_replicated(encoder_params, mesh)
+  model_state = {k: v for k, v in variables.items() if k != 'params'}
+  return params, model_state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
+                       *, overwrite: bool = False) -> dict[str, float]:
+  """Trains (or, for ``knn``, measures) a classifier and returns its final metrics.
+
+  Args:
+    config: a classifier config (``configs/classifier.py``).
+    workdir: where checkpoints, metrics and ``accuracy.png`` go; None:
+      ``<runs_dir>/classify_<mode>_<frozen|tuned>_<model>``.
+    overwrite: replace a run of a different config found in ``workdir``.
+
+  Returns:
+    ``{'eval/loss', 'eval/accuracy', 'eval/top5'}``, or ``{'eval/knn_accuracy'}``.
+  """
+  _check(config)
+  sharding.initialize_distributed()
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.batch_size, mesh)
+  model_cfg, encoder_params, source = resolve_encoder(config)
+  train_split = ip.load_split(config.data, config.data.train_split)
+  eval_split = ip.load_split(config.data, config.data.eval_split)
+  if workdir is None:
+    tuned = 'frozen' if config.freeze else 'tuned'
+    workdir = pathlib.Path(config.runs_dir) / f'classify_{config.mode}_{tuned}_{model_cfg["name"]}'
+  workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
+  print(f'encoder: {model_cfg["name"]} from {source}', flush=True)
+
+  train_data = ip.DeviceSplit.create(train_split, mesh)
+  eval_data = ip.DeviceSplit.create(eval_split, mesh)
+  num_classes = train_split.num_classes
+  clf = build_classifier(config, model_cfg, num_classes)
+  params, model_state = _init(clf, config, encoder_params, mesh)
+
+  cached = config.freeze and config.cache_features
+  if cached or config.mode == 'knn':
+    train_data = compute_features(clf, params, train_data, config.batch_size, mesh)
+    eval_data = compute_features(clf, params, eval_data, config.batch_size, mesh)
+  if config.mode == 'knn':
+    return _knn(config, train_data, eval_data, workdir)
+
+  optim_cfg = ml_collections.ConfigDict(config.optim.to_dict())
+  if config.freeze and config.frozen_lr:
+    optim_cfg.lr = config.frozen_lr
+  spe = ip.steps_per_epoch(len(train_data), config.batch_size)
+  try:
+    tx, schedule = make_optimizer(optim_cfg, params, steps_per_epoch=max(spe, 1),
+                                  total_steps=max(spe, 1) * config.num_epochs,
+                                  freeze=FREEZE_RULES if config.freeze else ())
+  except ValueError as e:
+    raise UserError(f'cannot freeze the encoder: {e}.') from None
+  loss_fn, eval_fn = make_task(config, clf, num_classes, on_features=cached,
+                               augment=config.data.augment and not cached)
+  loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
+                         schedule=schedule, train_data=train_data, eval_data=eval_data)
+  mngr = checkpoint.manager(workdir / 'checkpoints', keep=config.keep_checkpoints)
+  writer = MetricWriter(workdir)
+  try:
+    state = loop.restore_latest(loop.init_state(params, model_state), mngr)
+    meta = {'stage': 'classify', 'config': config.to_dict(), 'encoder_model': model_cfg,
+            'encoder_source': source, 'steps_per_epoch': spe}
+    state = loop.fit(state, writer=writer, mngr=mngr, meta=meta)
+    final = loop.evaluate(state)
+    if jax.process_index() == 0:
+      report.plot_accuracy(read_metrics(workdir), workdir / 'accuracy.png')
+  finally:
+    writer.close()
+    mngr.close()
+  return final
+
+
+def _knn(config: ml_collections.ConfigDict, train: ip.DeviceSplit, test: ip.DeviceSplit,
+         workdir: pathlib.Path) -> dict[str, float]:
+  accuracy = float(knn_accuracy(train, test, k=config.knn.k, temperature=config.knn.temperature,
+                                batch_size=config.batch_size))
+  writer = MetricWriter(workdir)
+  writer.write(0, 0, {'eval/knn_accuracy': accuracy})
+  writer.close()
+  print(f'k-NN accuracy (k={config.knn.k}): {accuracy:.4f}', flush=True)
+  return {'eval/knn_accuracy': accuracy}
+
