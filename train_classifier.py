@@ -11,7 +11,7 @@ the newest pretraining run under runs/ is used.
 from absl import flags
 from ml_collections import config_flags
 
-from mil_jax import classify, cli
+from mil_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', str(cli.CONFIG_DIR / 'classifier.py'),
@@ -43,6 +43,7 @@ def main(argv: list[str]) -> None:
       config[field] = flag.value
   if config.from_scratch and not _FREEZE.present:
     config.freeze = False  # "no pretraining" trains its encoder unless told otherwise
+  from mil_jax import classify  # noqa: PLC0415  (heavy: only once the flags are good)
   classify.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 

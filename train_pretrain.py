@@ -9,7 +9,7 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 from absl import flags
 from ml_collections import config_flags
 
-from mil_jax import cli, pretrain
+from mil_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and variant, e.g. configs/mae.py or configs/fc.py:l1.',
@@ -29,6 +29,7 @@ def main(argv: list[str]) -> None:
   if config is None:
     cli.fail('no config given; pass --config configs/<fc|conv|mae>.py or --type fc|conv|mae.')
   workdir = _WORKDIR.value or f'runs/pretrain_{config.model.name}'
+  from mil_jax import pretrain  # noqa: PLC0415  (heavy: only once the flags are good)
   pretrain.train_and_evaluate(config, workdir, overwrite=_OVERWRITE.value)
 
 

@@ -244,7 +244,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if workdir is None:
     tuned = 'frozen' if config.freeze else 'tuned'
     workdir = pathlib.Path(config.runs_dir) / f'classify_{config.mode}_{tuned}_{model_cfg["name"]}'
-  workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
   print(f'encoder: {model_cfg["name"]} from {source}', flush=True)
 
   train_data = ip.DeviceSplit.create(train_split, mesh)
@@ -258,7 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     train_data = compute_features(clf, params, train_data, config.batch_size, mesh)
     eval_data = compute_features(clf, params, eval_data, config.batch_size, mesh)
   if config.mode == 'knn':
-    return _knn(config, train_data, eval_data, workdir)
+    return _knn(config, train_data, eval_data,
+                workdir_lib.prepare(workdir, config, overwrite=overwrite))
 
   optim_cfg = ml_collections.ConfigDict(config.optim.to_dict())
   if config.freeze and config.frozen_lr:
@@ -274,6 +274,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                augment=config.data.augment and not cached)
   loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
                          schedule=schedule, train_data=train_data, eval_data=eval_data)
+  # Only now that every input checked out does anything reach the disk.
+  workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
   mngr = checkpoint.manager(workdir / 'checkpoints', keep=config.keep_checkpoints)
   writer = MetricWriter(workdir)
   try:

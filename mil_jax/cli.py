@@ -6,6 +6,7 @@ user error too.
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import sys
@@ -14,11 +15,15 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 
-from mil_jax.errors import UserError
+from mil_jax.errors import Interrupted, UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 
-flags.DEFINE_bool('debug', False, 'Show the full traceback of a user error.')
+flags.DEFINE_bool('debug', False, 'Show the full traceback of a user error, and INFO logs.')
+
+# TensorFlow (imported by TFDS) prints C++ notices on import; keep them for --debug.
+if '--debug' not in sys.argv:
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
 def fail(message: str) -> None:
@@ -87,8 +92,9 @@ def run(main: Callable[[list[str]], None]) -> None:
   """Runs ``main`` under absl with the design's exit codes."""
 
   def wrapped(argv: list[str]) -> None:
-    # Orbax and TFDS log every file they touch at INFO; the user wants the progress bar.
-    logging.set_verbosity(logging.INFO if flags.FLAGS.debug else logging.WARNING)
+    # Orbax and TFDS log every file they touch, and warn about things that are
+    # fine here; the user wants the progress bar and our own messages.
+    logging.set_verbosity(logging.INFO if flags.FLAGS.debug else logging.ERROR)
     try:
       main(argv)
     except UserError as e:
@@ -96,5 +102,12 @@ def run(main: Callable[[list[str]], None]) -> None:
         traceback.print_exc()
       logging.flush()
       fail(str(e))
+    except Interrupted as e:
+      print(str(e), file=sys.stderr)
+      sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+      # Ctrl-C before training started (loading data, compiling): nothing to save.
+      print('interrupted before the first training step; nothing was saved.', file=sys.stderr)
+      sys.exit(130)
 
   app.run(wrapped, flags_parser=parse_flags)

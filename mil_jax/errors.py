@@ -9,3 +9,14 @@ class UserError(Exception):
   The command-line entry points catch it, print the message to stderr and exit
   with status 2; everything else is a bug and keeps its traceback.
   """
+
+
+class Interrupted(Exception):
+  """SIGINT or SIGTERM arrived during training; the current step was saved."""
+
+  def __init__(self, signum: int, step: int):
+    import signal  # noqa: PLC0415
+    super().__init__(f'stopped by {signal.Signals(signum).name} at step {step}; a checkpoint '
+                     'was saved, rerun the same command to resume.')
+    self.signum = signum
+    self.step = step

@@ -124,7 +124,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     raise UserError(f'num_epochs must be at least 1, got {config.num_epochs}.')
   train_split = ip.load_split(config.data, config.data.train_split)
   eval_split = ip.load_split(config.data, config.data.eval_split)
-  workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
 
   train_data = ip.DeviceSplit.create(train_split, mesh)
   eval_data = ip.DeviceSplit.create(eval_split, mesh)
@@ -135,6 +134,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   loss_fn, eval_fn = make_task(config, model)
   loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
                          schedule=schedule, train_data=train_data, eval_data=eval_data)
+  # Only now that every input checked out does anything reach the disk.
+  workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
   mngr = checkpoint.manager(workdir / 'checkpoints', keep=config.keep_checkpoints)
   writer = MetricWriter(workdir)
   try:

@@ -39,7 +39,7 @@ import tqdm
 
 from mil_jax import checkpoint, sharding
 from mil_jax import input_pipeline as ip
-from mil_jax.errors import UserError
+from mil_jax.errors import Interrupted, UserError
 from mil_jax.metric_writers import MetricWriter
 
 RNG_STREAMS = ('dropout', 'masking', 'augment')
@@ -50,15 +50,6 @@ EvalFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Arr
 
 class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
-
-
-class Interrupted(Exception):
-  """SIGINT or SIGTERM arrived; a checkpoint of the current step was saved."""
-
-  def __init__(self, signum: int, step: int):
-    super().__init__(f'stopped by signal {signal.Signals(signum).name} at step {step}; '
-                     'a checkpoint was saved, rerun the same command to resume.')
-    self.signum = signum
 
 
 @flax.struct.dataclass

@@ -5,11 +5,20 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / 'shared' / 'data'
+
+# Every test compiles the same tiny programs again, in this process and in the
+# commands it starts: JAX's persistent compilation cache cuts the suite's time
+# by more than half on a 2-core machine. Set before anything imports jax.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'mil_jax_tests_jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
 
 def run_command(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300,
@@ -29,3 +38,21 @@ def cifar10_npz(tmp_path_factory) -> pathlib.Path:
   out = tmp_path_factory.mktemp('cifar10') / 'cifar10.npz'
   subprocess.run([sys.executable, str(decoder), str(out)], check=True, capture_output=True)
   return out
+
+
+def pretrain_tiny_conv(workdir: pathlib.Path) -> pathlib.Path:
+  """Pretrains a tiny Conv autoencoder for one epoch on fake data into ``workdir``."""
+  from configs import conv as conv_config  # noqa: PLC0415
+  from mil_jax import pretrain  # noqa: PLC0415
+  config = conv_config.get_config('192,runlocal')
+  config.num_epochs = 1
+  config.data.fake_train_size = 128
+  config.data.fake_test_size = 64
+  pretrain.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope='session')
+def pretrained(tmp_path_factory) -> pathlib.Path:
+  """A pretraining workdir with a finished tiny Conv run (one per test process)."""
+  return pretrain_tiny_conv(tmp_path_factory.mktemp('runs') / 'pretrain_conv')

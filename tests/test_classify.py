@@ -8,23 +8,10 @@ import numpy as np
 import pytest
 
 from configs import classifier as classifier_config
-from configs import conv as conv_config
-from mil_jax import checkpoint, classify, optim, pretrain, sharding
+from mil_jax import checkpoint, classify, optim, sharding
 from mil_jax.errors import UserError
 
 from .conftest import run_command
-
-
-@pytest.fixture(scope='module')
-def pretrained(tmp_path_factory):
-  """A tiny Conv autoencoder pretrained for one epoch on fake data."""
-  runs = tmp_path_factory.mktemp('runs')
-  config = conv_config.get_config('192,runlocal')
-  config.num_epochs = 1
-  config.data.fake_train_size = 128
-  config.data.fake_test_size = 64
-  pretrain.train_and_evaluate(config, runs / 'pretrain_conv')
-  return runs / 'pretrain_conv'
 
 
 def clf_config(pretrained, **fields):
