@@ -72,3 +72,50 @@ def plot_image_rows(rows: Sequence[tuple[str, np.ndarray]], path: str | pathlib.
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def plot_study(groups: Sequence[str], bars: dict[str, Sequence[float | None]],
+               references: dict[str, Sequence[float | None]],
+               strips: Sequence[tuple[str, np.ndarray]], path: str | pathlib.Path) -> None:
+  """The study's picture: accuracy bars per protocol and encoder over reconstruction strips.
+
+  Args:
+    groups: protocol names, one group of bars each.
+    bars: encoder name -> accuracy per group (None: no number; no bar).
+    references: encoder name -> the reference's accuracy per group (None: none),
+      drawn as a black tick over the bar.
+    strips: ``(label, images [K, H, W, 3] in [-1, 1])``, e.g. the originals
+      then one reconstruction per encoder; drawn as one row of images each.
+    path: the PNG to write.
+  """
+  names = list(bars)
+  n_strips = len(strips)
+  fig = plt.figure(figsize=(max(8.0, 1.6 * len(groups) + 2), 4.2 + 0.75 * n_strips))
+  grid = fig.add_gridspec(1 + n_strips, 1, height_ratios=[4.0] + [0.75] * n_strips)
+  ax = fig.add_subplot(grid[0])
+  width = 0.8 / max(len(names), 1)
+  x = np.arange(len(groups))
+  for i, name in enumerate(names):
+    offset = x + (i - (len(names) - 1) / 2) * width
+    values = [np.nan if v is None else v for v in bars[name]]
+    ax.bar(offset, values, width, label=name)
+    refs = [np.nan if r is None else r for r in references.get(name, [None] * len(groups))]
+    ax.scatter(offset, refs, marker='_', s=160, color='black', zorder=3,
+               label='reference' if i == 0 else None)
+  ax.set_xticks(x, groups)
+  ax.set_ylabel('top-1 accuracy')
+  ax.set_ylim(bottom=0)
+  ax.grid(axis='y', alpha=0.3)
+  ax.legend(fontsize=8, ncol=min(len(names) + 1, 6))
+  ax.set_title('accuracy per protocol and encoder')
+  for r, (label, images) in enumerate(strips):
+    # One axis per strip: the images side by side, so rows stay aligned whatever K is.
+    row = np.concatenate(list(to_uint8(images)), axis=1)
+    strip_ax = fig.add_subplot(grid[1 + r])
+    strip_ax.imshow(row, interpolation='nearest')
+    strip_ax.set_xticks([])
+    strip_ax.set_yticks([])
+    strip_ax.set_ylabel(label, rotation=0, ha='right', va='center', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,161 @@
+r"""The whole study in one command: every encoder row, every protocol column.
+
+Command:
+  python -m mil_jax.reproduce --config configs/reproduce.py:quick --workdir runs/grid_quick
+  python -m mil_jax.reproduce --config configs/reproduce.py:seed --workdir runs/grid_seed
+  python -m mil_jax.reproduce --config configs/reproduce.py:runlocal --workdir /tmp/grid_smoke
+  # Real CIFAR-10 on a 2-core CPU: 45,000 images to train, 5,000 held out.
+  python -m mil_jax.reproduce --config configs/reproduce.py:cpu --workdir runs/grid_cpu \
+      --config.data.source=npz:/path/cifar10.npz \
+      --config.data.train_split='train[:45000]' --config.data.eval_split='train[45000:]'
+  # Only some rows / columns, a different budget:
+  python -m mil_jax.reproduce --config configs/reproduce.py:quick,classifier_epochs=3 \
+      --config.rows=conv_192,mae --config.columns=linear_frozen --workdir runs/grid_part
+
+Rows (encoders, pretrained with configs/<file>.py:<variant>): FC+l1, FC+l2,
+Conv-192, Conv-256, MAE. Columns (the study's classifier protocols): No
+pretrain (MLP head, fresh encoder trained), MLP + fine-tune, MLP frozen,
+Linear + fine-tune, Linear frozen. Each row also gets the kNN accuracy of its
+features and the reconstruction PSNR of its autoencoder. A row or a column is
+one line in ROWS / COLUMNS below; ``config.rows`` / ``config.columns`` pick
+which run, in order. ``config.data`` replaces the data block of every cell.
+
+Variants (add keyed budgets: pretrain_epochs=N (FC and Conv rows),
+mae_epochs=N, classifier_epochs=N):
+  seed: the study's budgets: 100 (FC) / 100 (Conv) / 2000 (MAE, the seed
+    model) pretraining epochs, 40 classifier epochs, the study's classifier
+    optimizer (configs/classifier.py:seed). Days on one GPU (the MAE alone is
+    about a day in the reference).
+  quick: one GPU in under 15 minutes (estimated from the model FLOPs and the
+    compile count, not measured yet): FC and Conv 5 epochs, the `fast` MAE 20
+    epochs, 5 classifier epochs with our classifier choices.
+  cpu: real data (45,000 training images) on a 2-core CPU in about 40
+    minutes (estimated from measured step rates, not measured end to end):
+    FC and Conv 2 pretraining epochs, 1 classifier epoch with our classifier
+    choices, and for the MAE row the tiny runlocal MAE for 2 epochs (even the
+    `fast` MAE needs 15-25 minutes per epoch on 2 cores). Numbers far below
+    the reference: a check of the grid on real images, not a result.
+  runlocal: fake data (128 train / 64 test images), the tiny runlocal models,
+    1 epoch everywhere; a few minutes on a laptop CPU (what the tests run).
+
+Expected result: `seed` should land near reference/SEED.md's table (our
+numbers not measured yet); the cells print our number with the reference's
+beside it in WORKDIR/results.md.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+# The study's columns, in the order of its table: key, label, classifier mode,
+# freeze the encoder, fresh (not pretrained) encoder.
+COLUMNS = (
+    ('no_pretrain', 'No pretrain', 'fine_tune', False, True),
+    ('mlp_tune', 'MLP + fine-tune', 'fine_tune', False, False),
+    ('mlp_frozen', 'MLP frozen', 'fine_tune', True, False),
+    ('linear_tune', 'Linear + fine-tune', 'probing', False, False),
+    ('linear_frozen', 'Linear frozen', 'probing', True, False),
+)
+
+# The study's rows: key, label, pretraining config 'file:variant', and the
+# reference's CIFAR-100 test top-1 per column above (None: not reported).
+ROWS = (
+    ('fc_l1', 'FC+l1', 'fc:l1', (.186, .200, .206, .245, .190)),
+    ('fc_l2', 'FC+l2', 'fc:l2', (.187, .193, .204, .235, .187)),
+    ('conv_192', 'Conv-192', 'conv:192', (.169, .168, .160, .198, .134)),
+    ('conv_256', 'Conv-256', 'conv:256', (.191, .191, .210, .214, .186)),
+    ('mae', 'MAE', 'mae:seed', (None, .151, .082, .219, .088)),
+)
+
+# Train steps per jitted call: the FC and Conv steps are short enough that
+# Python dispatch would dominate (see mil_jax.bench); results are unchanged.
+STEPS_PER_DISPATCH = {'fc': 8, 'conv': 16, 'mae': 1}
+
+
+def _row(label: str, pretrain: str, reference: tuple[float | None, ...]
+         ) -> ml_collections.ConfigDict:
+  kind = pretrain.split(':')[0]
+  refs = {key: ref for (key, *_), ref in zip(COLUMNS, reference, strict=True) if ref is not None}
+  return ml_collections.ConfigDict(dict(
+      label=label,                 # the row's name in results.md and report.png
+      pretrain=pretrain,           # configs/<file>.py:<variant> of its autoencoder
+      num_epochs=0,                # pretraining epochs; 0 = the pretraining config's
+      # Fields set in the pretraining config (not the model: the No pretrain
+      # column rebuilds the encoder from `pretrain` alone).
+      overrides=ml_collections.ConfigDict(dict(steps_per_dispatch=STEPS_PER_DISPATCH[kind])),
+      reference=ml_collections.ConfigDict(refs),  # the study's top-1 per column key
+  ))
+
+
+def _column(label: str, mode: str, freeze: bool, from_scratch: bool
+            ) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(label=label, mode=mode, freeze=freeze,
+                                        from_scratch=from_scratch))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Variants: 'seed' (default) | 'quick' | 'cpu' | 'runlocal', plus budget keys."""
+  args = common.parse_arg(arg, known=('seed', 'quick', 'cpu', 'runlocal'),
+                          pretrain_epochs=0, mae_epochs=0, classifier_epochs=0)
+  if args.seed + args.quick + args.cpu + args.runlocal > 1:
+    raise ValueError("choose one of the variants 'seed', 'quick', 'cpu' and 'runlocal'")
+
+  config = ml_collections.ConfigDict()
+  config.seed = 0                  # every cell's seed
+  config.rows = ','.join(key for key, *_ in ROWS)        # which rows run, in order
+  config.columns = ','.join(key for key, *_ in COLUMNS)  # which columns run, in order
+  config.knn = True                # a kNN accuracy cell per row
+  config.row = ml_collections.ConfigDict({key: _row(*rest) for key, *rest in ROWS})
+  config.column = ml_collections.ConfigDict({key: _column(*rest) for key, *rest in COLUMNS})
+  config.classifier = 'seed'       # configs/classifier.py variant of every classifier cell
+  config.classifier_epochs = 40    # 0 = the classifier config's
+  config.classifier_overrides = ml_collections.ConfigDict()  # fields set in every classifier cell
+  config.strip_size = 8            # images per reconstruction strip in report.png
+
+  # Replaces the data block of every cell (augmentation stays each stage's own).
+  config.data = common.data_config()
+  del config.data['augment']
+
+  if args.quick or args.cpu:
+    config.classifier = ''         # ours: AdamW, warmup + cosine, augmentation when tuned
+    for key in ('fc_l1', 'fc_l2', 'conv_192', 'conv_256'):
+      config.row[key].num_epochs = 5 if args.quick else 2
+    config.classifier_epochs = 5 if args.quick else 1
+  if args.quick:
+    config.row.mae.pretrain = 'mae:fast'
+    config.row.mae.num_epochs = 20
+    # The seed MAE warms up for 200 epochs: scale it to the short run.
+    config.row.mae.overrides.optim = ml_collections.ConfigDict(dict(warmup_epochs=2))
+  if args.cpu:
+    # Even the `fast` MAE trains at only ~30-60 images/s on 2 CPU cores (an
+    # epoch of 45,000 images would take 15-25 minutes), so this row is the
+    # tiny runlocal MAE (width 16, 1 block each, 4x4 patches) on the real
+    # images: it shows the row runs end to end, its numbers mean little.
+    config.row.mae.pretrain = 'mae:fast,runlocal'
+    config.row.mae.num_epochs = 2
+    config.row.mae.overrides.update(dict(batch_size=128, steps_per_dispatch=8,
+                                         log_every_steps=50))
+    config.row.mae.overrides.optim = ml_collections.ConfigDict(dict(warmup_epochs=0))
+    # One epoch: no room for the default 2 warmup epochs.
+    config.classifier_overrides.optim = ml_collections.ConfigDict(dict(warmup_epochs=0))
+  if args.runlocal:
+    for row in config.row.values():
+      row.pretrain += ',runlocal'
+      row.num_epochs = 1
+    config.row.mae.pretrain = 'mae:fast,runlocal'
+    config.classifier = 'runlocal'
+    config.classifier_epochs = 1
+    config.data.source = 'fake'
+    config.data.fake_train_size = 128
+    config.data.fake_test_size = 64
+    config.strip_size = 4
+
+  if args.pretrain_epochs:
+    for key in ('fc_l1', 'fc_l2', 'conv_192', 'conv_256'):
+      config.row[key].num_epochs = args.pretrain_epochs
+  if args.mae_epochs:
+    config.row.mae.num_epochs = args.mae_epochs
+  if args.classifier_epochs:
+    config.classifier_epochs = args.classifier_epochs
+  return config

@@ -1,0 +1,150 @@
+"""Tests of the study grid: every cell reported, failures recorded, reruns skip."""
+import json
+import re
+
+import pytest
+
+from configs import reproduce as reproduce_config
+from mil_jax import classify, reproduce
+from mil_jax.errors import UserError
+
+from .conftest import run_command
+
+# Compile time dominates these tiny runs (the Conv train step takes XLA:CPU the
+# longest); its cheapest backend optimization level compiles ~40% faster.
+FAST_COMPILE = {'XLA_FLAGS': '--xla_backend_optimization_level=0', 'JAX_PLATFORMS': 'cpu'}
+
+# A part of the grid for the tests that do not need all of it: one row (FC: it
+# compiles fastest), the No pretrain column (no checkpoint needed) and one
+# column over the pretrained encoder.
+SMALL = ['--config.rows=fc_l1', '--config.columns=no_pretrain,linear_frozen',
+         '--config.knn=False']
+
+
+def small_grid():
+  grid = reproduce_config.get_config('runlocal')
+  grid.rows, grid.columns, grid.knn = 'fc_l1', 'no_pretrain,linear_frozen', False
+  return grid
+
+
+def test_every_variant_builds_every_cell(tmp_path):
+  for variant in ('seed', 'quick', 'cpu', 'runlocal', 'cpu,pretrain_epochs=2,classifier_epochs=3'):
+    grid = reproduce_config.get_config(variant)
+    cells = reproduce.make_cells(grid, tmp_path)
+    assert len(cells) == 5 * (1 + 5 + 1), variant
+    for cell in cells:  # the grid's data block reaches every cell
+      assert cell.config.data.source == grid.data.source, (variant, cell.key)
+  seed = {c.key: c.config for c in reproduce.make_cells(reproduce_config.get_config('seed'),
+                                                        tmp_path)}
+  assert [seed[f'{r}/pretrain'].num_epochs for r in ('fc_l1', 'conv_256', 'mae')] == [100, 100,
+                                                                                       2000]
+  assert seed['mae/linear_frozen'].num_epochs == 40
+  assert (seed['mae/linear_frozen'].mode, seed['mae/linear_frozen'].freeze) == ('probing', True)
+  assert seed['fc_l2/no_pretrain'].from_scratch and not seed['fc_l2/no_pretrain'].freeze
+  assert seed['fc_l2/mlp_tune'].pretrained_path == str(tmp_path / 'pretrain' / 'fc_l2')
+  cpu = reproduce.make_cells(reproduce_config.get_config('cpu,pretrain_epochs=2'), tmp_path)
+  assert {c.key: c.config.num_epochs for c in cpu}['fc_l1/pretrain'] == 2
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('rows', 'fc_l1,vit', "unknown row 'vit'"),
+    ('columns', 'svm', "unknown column 'svm'"),
+])
+def test_grid_mistakes_are_user_errors(tmp_path, field, value, message):
+  grid = reproduce_config.get_config('runlocal')
+  grid[field] = value
+  with pytest.raises(UserError, match=message):
+    reproduce.run_grid(grid, tmp_path)
+  assert not list(tmp_path.iterdir())  # nothing written before the check
+
+
+def test_runlocal_grid_end_to_end(tmp_path):
+  """The whole runlocal grid through the command line: every cell in every output."""
+  out = run_command(['-m', 'mil_jax.reproduce', '--config', 'configs/reproduce.py:runlocal',
+                     f'--workdir={tmp_path}'], env=FAST_COMPILE, timeout=1800)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  results = json.loads((tmp_path / 'results.json').read_text())
+  grid = reproduce_config.get_config('runlocal')
+  rows, columns = grid.rows.split(','), grid.columns.split(',')
+  expected = {f'{r}/{c}' for r in rows for c in ['pretrain', *columns, 'knn']}
+  assert set(results['cells']) == expected
+  for key, record in results['cells'].items():
+    assert record['status'] == 'ok', (key, record['error'])
+    assert record['wall_s'] > 0 and record['hardware']['platform'] == 'cpu'
+    assert record['config']['data']['source'] == 'fake'
+    assert 'git_commit' in record
+  assert 0 <= results['cells']['mae/linear_frozen']['metrics']['eval/accuracy'] <= 1
+  assert results['cells']['fc_l1/knn']['metrics']['eval/knn_accuracy'] >= 0
+  assert results['cells']['conv_256/pretrain']['metrics']['eval/psnr'] > 0
+
+  table = (tmp_path / 'results.md').read_text()
+  lines = [ln for ln in table.splitlines() if ln.startswith('| ')]
+  assert lines[0].split(' | ')[1:] == ['No pretrain', 'MLP + fine-tune', 'MLP frozen',
+                                       'Linear + fine-tune', 'Linear frozen', 'kNN',
+                                       'PSNR (dB) |']
+  assert [ln.split(' | ')[0] for ln in lines[1:]] == [
+      '| FC+l1', '| FC+l2', '| Conv-192', '| Conv-256', '| MAE']
+  fc_l1 = lines[1].split(' | ')
+  assert re.fullmatch(r'\.\d{3} \(\.186\)', fc_l1[1]), fc_l1   # ours (the reference's)
+  mae = lines[-1].split(' | ')
+  assert re.fullmatch(r'\.\d{3}', mae[1]), mae                  # the reference has none
+  assert (tmp_path / 'report.png').stat().st_size > 10_000
+  assert (tmp_path / 'classify' / 'mae' / 'mlp_tune' / 'accuracy.png').exists()
+
+
+def test_failed_cell_is_recorded_and_rerun_skips_finished(tmp_path, monkeypatch):
+  real = classify.train_and_evaluate
+  calls = []
+
+  def broken_probe(config, workdir, **kwargs):
+    calls.append(str(workdir))
+    if config.mode == 'probing':
+      raise RuntimeError('a bug in one cell')
+    return real(config, workdir, **kwargs)
+
+  monkeypatch.setattr(classify, 'train_and_evaluate', broken_probe)
+  results = reproduce.run_grid(small_grid(), tmp_path)
+  cells = results['cells']
+  assert cells['fc_l1/linear_frozen']['status'] == 'failed'
+  assert 'RuntimeError: ' in cells['fc_l1/linear_frozen']['error']
+  assert 'a bug in one cell' in cells['fc_l1/linear_frozen']['error']
+  assert cells['fc_l1/pretrain']['status'] == cells['fc_l1/no_pretrain']['status'] == 'ok'
+  table = (tmp_path / 'results.md').read_text()
+  assert '| failed (.190) |' in table and 'a bug in one cell' in table
+  assert (tmp_path / 'report.png').exists()
+  monkeypatch.undo()
+
+  # The command line reruns the failed cell only, with the same config.
+  before = json.loads((tmp_path / 'results.json').read_text())['cells']
+  out = run_command(['-m', 'mil_jax.reproduce', '--config', 'configs/reproduce.py:runlocal',
+                     *SMALL, f'--workdir={tmp_path}'], env=FAST_COMPILE)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert out.stdout.count('finished before, skipped') == 2
+  after = json.loads((tmp_path / 'results.json').read_text())['cells']
+  assert after['fc_l1/linear_frozen']['status'] == 'ok'
+  for key in ('fc_l1/pretrain', 'fc_l1/no_pretrain'):
+    assert after[key] == before[key]  # untouched, not rerun
+
+
+def test_pretraining_failure_skips_its_row_but_not_no_pretrain(tmp_path):
+  grid = small_grid()
+  grid.row.fc_l1.overrides.batch_size = 1000  # more than the 128 fake images
+  results = reproduce.run_grid(grid, tmp_path)['cells']
+  assert results['fc_l1/pretrain']['status'] == 'failed'
+  assert 'fewer than one batch' in results['fc_l1/pretrain']['error']
+  assert results['fc_l1/linear_frozen']['error'].startswith('not run: the pretraining')
+  assert results['fc_l1/no_pretrain']['status'] == 'ok'
+
+
+def test_command_line_mistakes_exit_2(tmp_path):
+  for args, message in [
+      (['--config', 'configs/reproduce.py:fast'], "unknown variant 'fast'"),
+      (['--config', 'configs/reproduce.py:runlocal', '--config.rows=vit'], "unknown row 'vit'"),
+      (['--config', 'configs/reproduce.py:runlocal', '--config.data.source=tfds:nope',
+        '--config.data.download=False'], 'nope'),
+  ]:
+    out = run_command(['-m', 'mil_jax.reproduce', *args, f'--workdir={tmp_path / "grid"}'])
+    assert out.returncode == 2, (args, out.stderr[-2000:])
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], (args, out.stderr)
+  assert not (tmp_path / 'grid').exists()
