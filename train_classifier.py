@@ -9,15 +9,13 @@ The encoder's architecture comes from the checkpoint. Without --pretrained_path
 the newest pretraining run under runs/ is used.
 """
 from absl import flags
-from ml_collections import config_flags
 
 from mil_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', str(cli.CONFIG_DIR / 'classifier.py'),
-    'Classifier config and variant, e.g. configs/classifier.py:seed.', lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Where checkpoints, metrics and plots go '
+_CONFIG, _WORKDIR, _OVERWRITE = cli.define_run_flags(
+    str(cli.CONFIG_DIR / 'classifier.py'),
+    'Classifier config and variant, e.g. configs/classifier.py:seed.',
+    'Where checkpoints, metrics and plots go '
     '(default: runs/classify_<mode>_<frozen|tuned>_<model>).')
 _MODE = flags.DEFINE_string('mode', None, 'probing (linear head) | fine_tune (MLP head) | knn.')
 _FREEZE = flags.DEFINE_bool('freeze', None, 'Keep the encoder fixed (--nofreeze trains it).')
@@ -28,13 +26,9 @@ _TYPE = flags.DEFINE_string(
     'type', None, 'fc | conv | mae[:variant]: the encoder for --from_scratch, or the '
     'architecture the checkpoint must have.')
 _EPOCHS = flags.DEFINE_integer('num_epochs', None, 'Training epochs (the study: 40).')
-_OVERWRITE = flags.DEFINE_bool(
-    'overwrite', False, 'Replace a run of a different config found in --workdir.')
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}; flags are written --name=value.')
   config = _CONFIG.value
   for flag, field in ((_MODE, 'mode'), (_FREEZE, 'freeze'), (_PRETRAINED, 'pretrained_path'),
                       (_SCRATCH, 'from_scratch'), (_TYPE, 'model_type'),

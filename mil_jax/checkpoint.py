@@ -4,8 +4,9 @@ A checkpoint is one step directory under ``workdir/checkpoints`` with the
 items ``params``, ``opt_state``, ``model_state`` (only for models with
 non-trained collections such as BatchNorm statistics) and ``meta`` (JSON: the
 whole run config, which lets a later stage rebuild the model from the
-checkpoint alone, and the data position). Orbax writes into a temporary directory and renames it when
-complete, so a run killed mid-write never leaves a checkpoint that loads.
+checkpoint alone, and the data position). Orbax writes into a temporary
+directory and renames it when complete, so a run killed mid-write never leaves
+a checkpoint that loads.
 """
 from __future__ import annotations
 

@@ -263,10 +263,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   optim_cfg = ml_collections.ConfigDict(config.optim.to_dict())
   if config.freeze and config.frozen_lr:
     optim_cfg.lr = config.frozen_lr
-  spe = ip.steps_per_epoch(len(train_data), config.batch_size)
+  spe = max(ip.steps_per_epoch(len(train_data), config.batch_size), 1)
   try:
-    tx, schedule = make_optimizer(optim_cfg, params, steps_per_epoch=max(spe, 1),
-                                  total_steps=max(spe, 1) * config.num_epochs,
+    tx, schedule = make_optimizer(optim_cfg, params, steps_per_epoch=spe,
+                                  total_steps=spe * config.num_epochs,
                                   freeze=FREEZE_RULES if config.freeze else ())
   except ValueError as e:
     raise UserError(f'cannot freeze the encoder: {e}.') from None
@@ -274,21 +274,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                augment=config.data.augment and not cached)
   loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
                          schedule=schedule, train_data=train_data, eval_data=eval_data)
-  # Only now that every input checked out does anything reach the disk.
-  workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
-  mngr = checkpoint.manager(workdir / 'checkpoints', keep=config.keep_checkpoints)
-  writer = MetricWriter(workdir)
-  try:
-    state = loop.restore_latest(loop.init_state(params, model_state), mngr)
-    meta = {'stage': 'classify', 'config': config.to_dict(), 'encoder_model': model_cfg,
-            'encoder_source': source, 'steps_per_epoch': spe}
-    state = loop.fit(state, writer=writer, mngr=mngr, meta=meta)
-    final = loop.evaluate(state)
-    if jax.process_index() == 0:
-      report.plot_accuracy(read_metrics(workdir), workdir / 'accuracy.png')
-  finally:
-    writer.close()
-    mngr.close()
+  state, final, workdir = loop.run(
+      loop.init_state(params, model_state), workdir, overwrite=overwrite,
+      meta={'stage': 'classify', 'config': config.to_dict(), 'encoder_model': model_cfg,
+            'encoder_source': source})
+  if jax.process_index() == 0:
+    report.plot_accuracy(read_metrics(workdir), workdir / 'accuracy.png')
   return final
 
 

@@ -88,10 +88,24 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+def define_run_flags(default_config: str | None, config_help: str, workdir_help: str
+                     ) -> tuple[flags.FlagHolder, flags.FlagHolder, flags.FlagHolder]:
+  """``--config`` (locked), ``--workdir`` and ``--overwrite``, as every program has them."""
+  from ml_collections import config_flags  # noqa: PLC0415
+
+  return (config_flags.DEFINE_config_file('config', default_config, config_help,
+                                          lock_config=True),
+          flags.DEFINE_string('workdir', None, workdir_help),
+          flags.DEFINE_bool('overwrite', False,
+                            'Replace a run of a different config found in --workdir.'))
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """Runs ``main`` under absl with the design's exit codes."""
 
   def wrapped(argv: list[str]) -> None:
+    if len(argv) > 1:
+      fail(f'unexpected arguments {argv[1:]}; flags are written --name=value.')
     # Orbax and TFDS log every file they touch, and warn about things that are
     # fine here; the user wants the progress bar and our own messages.
     logging.set_verbosity(logging.INFO if flags.FLAGS.debug else logging.ERROR)

@@ -128,7 +128,8 @@ def _load_npz(path: str, name: str) -> tuple[np.ndarray, np.ndarray, int]:
   return images, labels.astype(np.int32), num_classes
 
 
-def _fake_arrays(name: str, data_config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, int]:
+def _fake_arrays(name: str, data_config: ml_collections.ConfigDict
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
   """Synthetic images: a smooth colour pattern per class, shifted, plus noise.
 
   The class prototypes come from a fixed seed, so train and test share them;
@@ -171,7 +172,8 @@ def _load_tfds(name: str, split: str, data_config: ml_collections.ConfigDict) ->
   try:
     builder = tfds.builder(name, data_dir=data_config.data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
-    raise UserError(f'TFDS has no data set named {name!r}; check data.source=tfds:<name>.') from None
+    raise UserError(
+        f'TFDS has no data set named {name!r}; check data.source=tfds:<name>.') from None
   if not builder.is_prepared():
     if not data_config.download:
       raise UserError(

@@ -17,11 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mil_jax import checkpoint, losses, models, report, sharding, trainer
 from mil_jax import input_pipeline as ip
-from mil_jax import workdir as workdir_lib
+from mil_jax import losses, models, report, sharding, trainer
 from mil_jax.errors import UserError
-from mil_jax.metric_writers import MetricWriter, read_metrics
+from mil_jax.metric_writers import read_metrics
 from mil_jax.models import mae as mae_lib
 from mil_jax.optim import make_optimizer
 
@@ -128,28 +127,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   train_data = ip.DeviceSplit.create(train_split, mesh)
   eval_data = ip.DeviceSplit.create(eval_split, mesh)
   params = init_params(config, model, mesh)
-  spe = ip.steps_per_epoch(len(train_data), config.batch_size)
-  tx, schedule = make_optimizer(config.optim, params, steps_per_epoch=max(spe, 1),
-                                total_steps=max(spe, 1) * config.num_epochs)
+  spe = max(ip.steps_per_epoch(len(train_data), config.batch_size), 1)
+  tx, schedule = make_optimizer(config.optim, params, steps_per_epoch=spe,
+                                total_steps=spe * config.num_epochs)
   loss_fn, eval_fn = make_task(config, model)
   loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
                          schedule=schedule, train_data=train_data, eval_data=eval_data)
-  # Only now that every input checked out does anything reach the disk.
-  workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
-  mngr = checkpoint.manager(workdir / 'checkpoints', keep=config.keep_checkpoints)
-  writer = MetricWriter(workdir)
-  try:
-    state = loop.restore_latest(loop.init_state(params), mngr)
-    if int(state.step):
-      print(f'resuming from step {int(state.step)} in {workdir}', flush=True)
-    meta = {'stage': 'pretrain', 'config': config.to_dict(), 'steps_per_epoch': spe}
-    state = loop.fit(state, writer=writer, mngr=mngr, meta=meta)
-    final = loop.evaluate(state)
-    if jax.process_index() == 0:
-      report.plot_loss(read_metrics(workdir), workdir / 'loss.png')
-      save_reconstructions(config, model, state.params, eval_data,
-                           workdir / 'reconstructions.png')
-  finally:
-    writer.close()
-    mngr.close()
+  state, final, workdir = loop.run(
+      loop.init_state(params), workdir, overwrite=overwrite,
+      meta={'stage': 'pretrain', 'config': config.to_dict()})
+  if jax.process_index() == 0:
+    report.plot_loss(read_metrics(workdir), workdir / 'loss.png')
+    save_reconstructions(config, model, state.params, eval_data, workdir / 'reconstructions.png')
   return final

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import signal
 import sys
 import time
@@ -39,6 +40,7 @@ import tqdm
 
 from mil_jax import checkpoint, sharding
 from mil_jax import input_pipeline as ip
+from mil_jax import workdir as workdir_lib
 from mil_jax.errors import Interrupted, UserError
 from mil_jax.metric_writers import MetricWriter
 
@@ -256,6 +258,30 @@ class Trainer:
     meta = {**meta, 'step': step, 'epoch': step / self.steps_per_epoch}
     checkpoint.save(mngr, step, params=state.params, opt_state=state.opt_state,
                     model_state=state.model_state, meta=meta, metrics=metrics)
+
+  def run(self, state: TrainState, workdir: str | pathlib.Path, *, meta: dict[str, Any],
+          overwrite: bool = False) -> tuple[TrainState, dict[str, float], pathlib.Path]:
+    """Trains in ``workdir`` from its latest checkpoint (or ``state``) to the end.
+
+    The workdir is prepared here, after every input was checked, so that a
+    rejected command writes nothing.
+
+    Returns:
+      ``(final state, final validation metrics, workdir)``.
+    """
+    workdir = workdir_lib.prepare(workdir, self.config, overwrite=overwrite)
+    mngr = checkpoint.manager(workdir / 'checkpoints', keep=self.config.keep_checkpoints)
+    writer = MetricWriter(workdir)
+    try:
+      state = self.restore_latest(state, mngr)
+      if int(state.step):
+        print(f'resuming from step {int(state.step)} in {workdir}', flush=True)
+      state = self.fit(state, writer=writer, mngr=mngr,
+                       meta={**meta, 'steps_per_epoch': self.steps_per_epoch})
+      return state, self.evaluate(state), workdir
+    finally:
+      writer.close()
+      mngr.close()
 
   def restore_latest(self, state: TrainState, mngr: ocp.CheckpointManager) -> TrainState:
     """``state`` replaced by the latest checkpoint of ``mngr``, if there is one."""

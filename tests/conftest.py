@@ -40,6 +40,16 @@ def cifar10_npz(tmp_path_factory) -> pathlib.Path:
   return out
 
 
+def latest_params(workdir: pathlib.Path):
+  """``(step, params)`` of the latest checkpoint of a run's workdir."""
+  from mil_jax import checkpoint  # noqa: PLC0415
+  directory = workdir / 'checkpoints'
+  mngr = checkpoint.manager(directory, create=False)
+  step = mngr.latest_step()
+  mngr.close()
+  return step, checkpoint.restore_params(directory, step)
+
+
 def pretrain_tiny_conv(workdir: pathlib.Path) -> pathlib.Path:
   """Pretrains a tiny Conv autoencoder for one epoch on fake data into ``workdir``."""
   from configs import conv as conv_config  # noqa: PLC0415

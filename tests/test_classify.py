@@ -11,7 +11,7 @@ from configs import classifier as classifier_config
 from mil_jax import checkpoint, classify, optim, sharding
 from mil_jax.errors import UserError
 
-from .conftest import run_command
+from .conftest import latest_params, run_command
 
 
 def clf_config(pretrained, **fields):
@@ -23,14 +23,6 @@ def clf_config(pretrained, **fields):
   return config
 
 
-def final_params(workdir):
-  directory, _ = checkpoint.find_checkpoint(workdir)
-  mngr = checkpoint.manager(directory, create=False)
-  step = mngr.latest_step()
-  mngr.close()
-  return checkpoint.restore_params(directory, step)
-
-
 def pretrained_encoder(pretrained):
   directory, step = checkpoint.find_checkpoint(pretrained)
   return checkpoint.restore_params(directory, step)['encoder']
@@ -39,7 +31,7 @@ def pretrained_encoder(pretrained):
 def test_frozen_probe_keeps_encoder_bit_identical(tmp_path, pretrained):
   config = clf_config(pretrained, mode='probing', freeze=True)
   final = classify.train_and_evaluate(config, tmp_path)
-  params = final_params(tmp_path)
+  _, params = latest_params(tmp_path)
   assert set(params) == {'encoder', 'head'}
   jax.tree.map(np.testing.assert_array_equal, params['encoder'], pretrained_encoder(pretrained))
   model_cfg, _, _ = classify.resolve_encoder(config)
@@ -53,7 +45,7 @@ def test_frozen_probe_keeps_encoder_bit_identical(tmp_path, pretrained):
 def test_fine_tune_changes_encoder(tmp_path, pretrained):
   config = clf_config(pretrained, mode='fine_tune', freeze=False)
   classify.train_and_evaluate(config, tmp_path)
-  params = final_params(tmp_path)
+  _, params = latest_params(tmp_path)
   encoder = pretrained_encoder(pretrained)
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), params['encoder'], encoder)
   assert all(jax.tree.leaves(changed))
@@ -85,7 +77,7 @@ def test_cached_features_match_recomputed(tmp_path, pretrained):
     config = clf_config(pretrained, mode='probing', freeze=True, cache_features=cache)
     config.data.augment = False  # augmentation would make recomputing differ by design
     results[cache] = (classify.train_and_evaluate(config, tmp_path / str(cache)),
-                      final_params(tmp_path / str(cache))['head'])
+                      latest_params(tmp_path / str(cache))[1]['head'])
   for k in results[True][0]:
     assert results[True][0][k] == pytest.approx(results[False][0][k], rel=1e-3, abs=1e-4), k
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),

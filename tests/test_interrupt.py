@@ -8,9 +8,7 @@ import time
 import jax
 import numpy as np
 
-from mil_jax import checkpoint
-
-from .conftest import ROOT, run_command
+from .conftest import ROOT, latest_params, run_command
 
 ARGS = ['train_pretrain.py', '--config', 'configs/conv.py:192,runlocal',
         '--config.data.fake_train_size=512', '--config.log_every_steps=1',
@@ -40,18 +38,10 @@ def wait_for_steps(proc, workdir, steps, timeout=240):
     time.sleep(0.005)
 
 
-def params_of(workdir):
-  directory = workdir / 'checkpoints'
-  mngr = checkpoint.manager(directory, create=False)
-  step = mngr.latest_step()
-  mngr.close()
-  return step, checkpoint.restore_params(directory, step)
-
-
 def test_sigkill_at_random_steps_then_rerun_is_bit_identical(tmp_path):
   out = run_command([*ARGS, f'--workdir={tmp_path / "whole"}'])
   assert out.returncode == 0, out.stderr[-3000:]
-  step, whole = params_of(tmp_path / 'whole')
+  step, whole = latest_params(tmp_path / 'whole')
   assert step == TOTAL_STEPS
 
   seed = random.randrange(1 << 30)
@@ -64,7 +54,7 @@ def test_sigkill_at_random_steps_then_rerun_is_bit_identical(tmp_path):
     proc.wait()
     out = run_command([*ARGS, f'--workdir={workdir}'])
     assert out.returncode == 0, (seed, target, out.stderr[-3000:])
-    step, resumed = params_of(workdir)
+    step, resumed = latest_params(workdir)
     assert step == TOTAL_STEPS
     jax.tree.map(np.testing.assert_array_equal, whole, resumed)
 
@@ -78,7 +68,7 @@ def test_sigterm_saves_the_current_step(tmp_path):
   assert 'rerun the same command to resume' in stderr
   stopped_at = int(stderr.split(' at step ')[1].split(';')[0])
   assert stopped_at >= 5
-  step, _ = params_of(tmp_path)
+  step, _ = latest_params(tmp_path)
   assert step == stopped_at  # saved at the step it stopped, not at the last periodic save
   out = run_command([*ARGS, f'--workdir={tmp_path}'])
   assert out.returncode == 0 and f'resuming from step {stopped_at}' in out.stdout

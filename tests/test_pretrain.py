@@ -13,7 +13,7 @@ from configs import mae as mae_config
 from mil_jax import checkpoint, models, pretrain, sharding, trainer
 from mil_jax.metric_writers import read_metrics
 
-from .conftest import run_command
+from .conftest import latest_params, run_command
 
 
 def tiny(module, variant, optimizer='adam', **loop):
@@ -28,14 +28,6 @@ def tiny(module, variant, optimizer='adam', **loop):
     config.optim.name, config.optim.lr = 'sgd', 0.05
   config.update(loop)
   return config
-
-
-def final_params(workdir):
-  directory = workdir / 'checkpoints'
-  mngr = checkpoint.manager(directory, create=False)
-  step = mngr.latest_step()
-  mngr.close()
-  return step, checkpoint.restore_params(directory, step)
 
 
 @pytest.mark.parametrize('module,variant,epochs', [
@@ -58,7 +50,7 @@ def test_pretrain_end_to_end(tmp_path, module, variant, epochs):
     assert (tmp_path / name).stat().st_size > 0, name
   assert list(tmp_path.glob('events.out.tfevents.*'))
   assert json.loads((tmp_path / 'config.json').read_text())['model']['name'] == config.model.name
-  step, params = final_params(tmp_path)
+  step, params = latest_params(tmp_path)
   assert step == 4 * epochs and set(params) == {'encoder', 'decoder'}
   meta = checkpoint.read_meta(tmp_path / 'checkpoints', step)
   assert json.loads(checkpoint.config_from_meta(meta).to_json()) == json.loads(config.to_json())
@@ -89,15 +81,15 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, monkeypatch):
   config = tiny(conv_config, '192,runlocal', num_epochs=2, steps_per_dispatch=2,
                 checkpoint_every_steps=100)
   pretrain.train_and_evaluate(config, tmp_path / 'whole')
-  _, whole = final_params(tmp_path / 'whole')
+  _, whole = latest_params(tmp_path / 'whole')
 
   _signal_after(monkeypatch, 3)  # 6 steps: mid-epoch 2, no other checkpoint there
   with pytest.raises(trainer.Interrupted, match='step 6'):
     pretrain.train_and_evaluate(config, tmp_path / 'cut')
   monkeypatch.undo()
-  assert final_params(tmp_path / 'cut')[0] == 6
+  assert latest_params(tmp_path / 'cut')[0] == 6
   pretrain.train_and_evaluate(config, tmp_path / 'cut')
-  step, resumed = final_params(tmp_path / 'cut')
+  step, resumed = latest_params(tmp_path / 'cut')
   assert step == 8
   jax.tree.map(np.testing.assert_array_equal, whole, resumed)
   # The resumed run logged the steps after 6 only once.
@@ -111,10 +103,11 @@ import pathlib, sys
 import jax, numpy as np
 from configs import conv as conv_config
 from mil_jax import pretrain
-from tests.test_pretrain import final_params, tiny
+from tests.conftest import latest_params
+from tests.test_pretrain import tiny
 workdir = pathlib.Path(sys.argv[1])
 pretrain.train_and_evaluate(tiny(conv_config, '192,runlocal', 'sgd', num_epochs=1), workdir)
-flat = jax.tree_util.tree_flatten_with_path(final_params(workdir)[1])[0]
+flat = jax.tree_util.tree_flatten_with_path(latest_params(workdir)[1])[0]
 np.savez(workdir / 'params.npz', **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
 print(len(jax.devices()))
 """
@@ -128,7 +121,7 @@ print(len(jax.devices()))
   pretrain.train_and_evaluate(config, tmp_path / '1')
   flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v)
                        for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  one = flat(final_params(tmp_path / '1')[1])
+  one = flat(latest_params(tmp_path / '1')[1])
   init = flat(pretrain.init_params(config, models.build_autoencoder(config.model),
                                    sharding.make_mesh()))
   assert one.keys() == eight.keys() == init.keys()
