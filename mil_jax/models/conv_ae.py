@@ -36,12 +36,96 @@ def _xavier_normal(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.fl
   std = math.sqrt(2.0 / (receptive * shape[-2] + receptive * shape[-1]))
   return (std * jax.random.normal(key, (math.prod(shape),), dtype)).reshape(shape)
 
-# torch's padding=1 for a stride-2 4x4 conv.
+# Every conv is written as patches times a matrix ("im2col") instead of
+# lax.conv: with these tiny channel counts XLA:CPU runs lax.conv and above all
+# its gradients (inside lax.scan) several times slower than one plain dot over
+# gathered patches, and the dot form is as fast on a GPU. The params are those
+# of nn.Conv / nn.ConvTranspose: ``kernel`` [4, 4, in, out] and ``bias`` [out].
+
+
+# The lax padding of the equivalent nn.Conv / nn.ConvTranspose: torch's
+# padding=1 for the conv; for the transposed conv, a conv over the
+# stride-dilated input padded by k - 1 - 1 = 2 on each side, whose output side
+# is exactly twice the input side as torch's ConvTranspose2d(k=4, s=2, p=1).
 _CONV_PADDING = ((1, 1), (1, 1))
-# The transposed conv runs as a conv over the stride-dilated input; padding it
-# by k - 1 - 1 = 2 on each side is torch's ConvTranspose2d(k=4, s=2, p=1),
-# whose output side is exactly twice the input side.
 _CONV_TRANSPOSE_PADDING = ((2, 2), (2, 2))
+
+
+def _blocks(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] padded by one pixel -> 2x2 blocks [B, H/2 + 1, 2, W/2 + 1, 2, C]."""
+  b, h, w, c = x.shape
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return x.reshape(b, h // 2 + 1, 2, w // 2 + 1, 2, c)
+
+
+def conv_down(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """torch Conv2d(k=4, s=2, p=1) = nn.Conv(padding=1), as one dot over patches.
+
+  Output pixel (i, j) sees padded rows 2i..2i+3, i.e. 2x2 blocks (i, i+1) of
+  the padded image, so the patches are four shifted views of the blocks.
+
+  Args:
+    x: [B, H, W, C], H and W even.
+    kernel: [4, 4, C, O] (rows, columns, in, out).
+    bias: [O].
+
+  Returns:
+    [B, H/2, W/2, O].
+  """
+  b, h, w, c = x.shape
+  blocks = _blocks(x)
+  rows = [jnp.stack([blocks[:, di:di + h // 2, :, dj:dj + w // 2] for dj in (0, 1)], axis=4)
+          for di in (0, 1)]
+  # [B, H/2, 2(r), W/2, 2(dj), 2(s), C] x2(di) -> [B, H/2, W/2, di, r, dj, s, C]
+  patches = jnp.stack(rows, axis=2).transpose(0, 1, 4, 2, 3, 5, 6, 7)
+  patches = patches.reshape(b, h // 2, w // 2, 16 * c)
+  return patches @ kernel.reshape(16 * c, -1) + bias
+
+
+def conv_up(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """torch ConvTranspose2d(k=4, s=2, p=1) as flax's ConvTranspose (padding 2), as dots.
+
+  Output row 2i + a gets kernel rows a and a + 2 against input rows
+  i - 1 + a and i + a: each of the four output phases (a, b) is a 2x2
+  window of the input padded by one, times a quarter of the kernel. The four
+  phases run as one batched dot and are interleaved into the output.
+
+  Args:
+    x: [B, H, W, C].
+    kernel: [4, 4, C, O].
+    bias: [O].
+
+  Returns:
+    [B, 2H, 2W, O].
+  """
+  b, h, w, c = x.shape
+  o = kernel.shape[-1]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  windows = []
+  for a in (0, 1):
+    for bb in (0, 1):
+      taps = [xp[:, a + u:a + u + h, bb + v:bb + v + w] for u in (0, 1) for v in (0, 1)]
+      windows.append(jnp.concatenate(taps, axis=-1).reshape(b * h * w, 4 * c))
+  # kernel rows (a, a + 2) and columns (b, b + 2) for phase (a, b): [2(a), 2(b), 4C, O]
+  k = kernel.reshape(2, 2, 2, 2, c, o).transpose(1, 3, 0, 2, 4, 5).reshape(4, 4 * c, o)
+  out = jnp.einsum('pnk,pko->pno', jnp.stack(windows), k) + bias
+  out = out.reshape(2, 2, b, h, w, o).transpose(2, 3, 0, 4, 1, 5)
+  return out.reshape(b, 2 * h, 2 * w, o)
+
+
+class _Conv(nn.Module):
+  """A 4x4 stride-2 conv (``up``: transposed) with nn.Conv's param names and shapes."""
+  features: int
+  up: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, H/2, W/2, features], or [B, 2H, 2W, features] when ``up``."""
+    kernel = self.param('kernel', _xavier_normal, (4, 4, x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    x, kernel, bias = (t.astype(self.dtype) for t in (x, kernel, bias))
+    return (conv_up if self.up else conv_down)(x, kernel, bias)
 
 
 def channels(num_layers: int, channel_factor: int, start_filters: int) -> list[int]:
@@ -85,8 +169,7 @@ class ConvEncoder(nn.Module):
     del train
     x = x.astype(self.dtype)
     for i, c in enumerate(channels(self.num_layers, self.channel_factor, self.start_filters)):
-      x = nn.Conv(c, (4, 4), strides=(2, 2), padding=_CONV_PADDING, dtype=self.dtype,
-                  kernel_init=_xavier_normal, name=f'conv_{i}')(x)
+      x = _Conv(c, dtype=self.dtype, name=f'conv_{i}')(x)
       x = nn.leaky_relu(x, self.negative_slope)
       if i > 0:
         x = nn.LayerNorm(dtype=self.dtype, name=f'norm_{i}')(x)
@@ -123,14 +206,10 @@ class ConvDecoder(nn.Module):
     side = latent_side(self.num_layers)
     z = z.reshape(z.shape[0], side, side, widths[-1])
     for i, c in enumerate(reversed(widths[:-1])):
-      z = nn.ConvTranspose(c, (4, 4), strides=(2, 2), padding=_CONV_TRANSPOSE_PADDING,
-                           dtype=self.dtype, kernel_init=_xavier_normal,
-                           name=f'conv_transpose_{i}')(z)
+      z = _Conv(c, up=True, dtype=self.dtype, name=f'conv_transpose_{i}')(z)
       z = nn.relu(z)
       z = nn.LayerNorm(dtype=self.dtype, name=f'norm_{i}')(z)
-    z = nn.ConvTranspose(3, (4, 4), strides=(2, 2), padding=_CONV_TRANSPOSE_PADDING,
-                         dtype=self.dtype, kernel_init=_xavier_normal,
-                         name=f'conv_transpose_{self.num_layers - 1}')(z)
+    z = _Conv(3, up=True, dtype=self.dtype, name=f'conv_transpose_{self.num_layers - 1}')(z)
     return jnp.tanh(z.astype(jnp.float32))
 
 

@@ -1,9 +1,10 @@
 """Transformer pieces shared by the masked autoencoder's encoder and decoder.
 
 Pre-LayerNorm blocks (as in ViT and MAE): ``x + attn(ln(x))``, then
-``x + mlp(ln(x))``, with a final LayerNorm after the stack. Attention goes
-through ``jax.nn.dot_product_attention`` so that a GPU gets a fused kernel
-(cuDNN flash attention) and other backends an XLA one.
+``x + mlp(ln(x))``, with a final LayerNorm after the stack. Attention is
+written out (:func:`attention`) in a heads-first layout, whose two products
+are plain batched matmuls on every backend; at these lengths (65 and 257
+tokens) the scores fit in memory and XLA fuses the softmax.
 """
 from __future__ import annotations
 
@@ -19,6 +20,21 @@ Dtype = Any
 # Xavier-uniform weights and zero biases, as the MAE reference initializes
 # every Linear layer of its transformers.
 _dense_init = nn.initializers.xavier_uniform()
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Softmax attention, scaled by 1/sqrt(head width); softmax in float32.
+
+  Args:
+    q, k, v: [B, H, T, D] (heads before tokens).
+
+  Returns:
+    [B, H, T, D].
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum('bhtd,bhsd->bhts', q * jnp.asarray(scale, q.dtype), k)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum('bhts,bhsd->bhtd', weights, v)
 
 
 class MultiHeadAttention(nn.Module):
@@ -48,10 +64,14 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'width {width} is not divisible by {self.num_heads} heads')
     head_dim = width // self.num_heads
     qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=_dense_init, name='qkv')(x)
-    qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, H, D/H]
-    out = jax.nn.dot_product_attention(q, k, v)
-    out = out.reshape(batch, length, width)
+    # Heads before tokens ([3, B, H, T, D/H]) so both attention products are
+    # plain batched matmuls with the batch dimensions leading: the layout
+    # jax.nn.dot_product_attention's XLA path uses ([B, T, H, D/H], under a
+    # vmap) made XLA:CPU emit transposed dots and a slow softmax backward
+    # that took most of the MAE's step time.
+    qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    out = attention(qkv[0], qkv[1], qkv[2])
+    out = out.transpose(0, 2, 1, 3).reshape(batch, length, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init, name='out')(out)
 
 

@@ -1,0 +1,274 @@
+r"""Speed of the real training steps: ``python -m mil_jax.bench``.
+
+  python -m mil_jax.bench --model conv:192 --batch 32
+  python -m mil_jax.bench --model mae:seed --batch 128 --dtype bfloat16
+  python -m mil_jax.bench --model conv:256 --stage probe
+  python -m mil_jax.bench --all          # the reference set, one JSON line each
+
+Each configuration prints one JSON line. The timed program is the project's
+own: ``Trainer.train_chunk`` built from ``pretrain.make_task`` (``--stage
+pretrain``), or a classifier over the encoder (``finetune``: encoder + MLP
+head trained end to end on images; ``probe``: a linear head trained on
+features cached once by the encoder), on ``fake`` uint8 images placed on the
+device once. A timed step is everything a run does: batch gather, augment
+(when the config asks), forward, backward and the optimizer update.
+
+Fields: ``images_per_s`` (median of ``--windows`` timed windows, each ended by
+``block_until_ready``), ``step_ms``, ``compile_s`` (lower + compile of the
+``K``-step program), ``params``, ``flops_per_image`` (XLA's cost analysis of
+one step), ``flops_per_s``, ``peak_memory_bytes`` (``None`` where the backend
+keeps no statistics, as on CPU), ``backend``, ``device_kind``.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import flags
+
+from configs import conv as conv_config
+from configs import fc as fc_config
+from configs import mae as mae_config
+from mil_jax import cli
+from mil_jax import input_pipeline as ip
+from mil_jax import models, platform, pretrain, sharding, trainer
+from mil_jax.errors import UserError
+from mil_jax.optim import make_optimizer
+
+CONFIGS = {'fc': fc_config, 'conv': conv_config, 'mae': mae_config}
+STAGES = ('pretrain', 'probe', 'finetune')
+NUM_CLASSES = 100
+# (model, batch, stage): the reference set of ``--all``.
+REFERENCE_SET = (('fc', 128, 'pretrain'), ('conv:192', 32, 'pretrain'),
+                 ('conv:192', 128, 'pretrain'), ('conv:256', 32, 'pretrain'),
+                 ('mae:seed', 128, 'pretrain'), ('conv:256', 128, 'probe'))
+# Steps per dispatch in the reference set: tiny models are dispatch-bound, so
+# they run several steps per call; the MAE's step is long enough for one.
+DEFAULT_K = {'fc': 8, 'conv': 16, 'mae': 1}
+# Hidden width of the fine-tuning MLP head, as the reference (SEED.md).
+FINETUNE_HIDDEN = {'fc': 192, 'conv': 150, 'mae': 150}
+
+_MODEL = flags.DEFINE_string('model', 'conv:192', 'fc|conv|mae, optionally :variant '
+                             '(the config variant, e.g. conv:256, mae:seed,runlocal).')
+_BATCH = flags.DEFINE_integer('batch', 0, 'Global batch size (0: the config\'s).')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_K = flags.DEFINE_integer('steps_per_dispatch', 0,
+                          'Train steps per jitted call (0: 8 for fc, 16 for conv, 1 for mae).')
+_STAGE = flags.DEFINE_enum('stage', 'pretrain', list(STAGES), 'Which training step to time.')
+_ALL = flags.DEFINE_bool('all', False, 'Run the reference set (ignores --model/--batch/--stage).')
+_SECONDS = flags.DEFINE_float('seconds', 3.0, 'Approximate length of one timed window.')
+_WINDOWS = flags.DEFINE_integer('windows', 3, 'Timed windows; the median is reported.')
+
+
+class _LinearHead(nn.Module):
+  """The frozen-probe classifier: one Dense over cached features."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, z: jax.Array, *, train: bool) -> jax.Array:
+    """[B, D] -> logits [B, num_classes]."""
+    del train
+    return nn.Dense(self.num_classes, name='head')(z)
+
+
+class _Classifier(nn.Module):
+  """Encoder + head, params ``{'encoder', 'head'}`` as the classifier stage's."""
+  encoder: nn.Module
+  hidden: int
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """[B, 32, 32, 3] -> logits [B, num_classes]."""
+    z = self.encoder(x, train=train).astype(jnp.float32)
+    h = nn.Sequential([nn.Dense(self.hidden), nn.relu], name='head_hidden')(z)
+    h = nn.Dropout(0.2, deterministic=not train)(h)
+    return nn.Dense(self.num_classes, name='head')(h)
+
+
+def load_config(spec: str, batch: int, dtype: str, steps_per_dispatch: int
+                ) -> ml_collections.ConfigDict:
+  """The pretraining config named by ``'name[:variant]'``, set up for timing."""
+  name, _, variant = spec.partition(':')
+  if name not in CONFIGS:
+    raise UserError(f'unknown model {name!r}; use fc, conv or mae (with :variant).')
+  try:
+    config = CONFIGS[name].get_config(variant or None)
+  except ValueError as e:
+    raise UserError(f'bad variant {variant!r} for {name}: {e}') from None
+  config.batch_size = batch or config.batch_size
+  config.model.dtype = dtype
+  config.steps_per_dispatch = steps_per_dispatch or DEFAULT_K[name]
+  config.data.source = 'fake'
+  config.data.fake_num_classes = NUM_CLASSES
+  # Enough examples for a few epochs of distinct batches; the step cost does
+  # not depend on the split's size (one gather of B rows).
+  config.data.fake_train_size = max(2048, 8 * config.batch_size)
+  config.data.fake_test_size = config.batch_size
+  return config
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels).mean()
+
+
+def _classifier_task(config, model: nn.Module, stage: str):
+  """Loss/eval functions of a classifier over images (finetune) or features (probe)."""
+
+  def loss_fn(params, model_state, inputs, labels, rngs):
+    x = inputs if stage == 'probe' else ip.prepare_batch(
+        rngs['augment'], inputs, augment_images=config.data.augment)
+    logits = model.apply({'params': params}, x, train=True, rngs={'dropout': rngs['dropout']})
+    return _cross_entropy(logits, labels), ({}, model_state)
+
+  def eval_fn(params, model_state, inputs, labels, rng):
+    del model_state, rng
+    x = inputs if stage == 'probe' else ip.to_float(inputs)
+    logits = model.apply({'params': params}, x, train=False)
+    return {'accuracy': (jnp.argmax(logits, -1) == labels).astype(jnp.float32)}
+
+  return loss_fn, eval_fn
+
+
+def cache_features(encoder: nn.Module, params: Any, data: ip.DeviceSplit,
+                   batch_size: int) -> ip.DeviceSplit:
+  """Runs a frozen encoder once over ``data``: features ``[N, D]`` float32 on device."""
+
+  @jax.jit
+  def run(params, images):
+    def one(_, imgs):
+      return None, encoder.apply({'params': params}, ip.to_float(imgs), train=False)
+    n = images.shape[0] // batch_size * batch_size
+    _, feats = jax.lax.scan(one, None, images[:n].reshape(-1, batch_size, *images.shape[1:]))
+    return feats.reshape(n, -1).astype(jnp.float32)
+
+  n = len(data) // batch_size * batch_size
+  return ip.DeviceSplit(run(params, data.images), data.labels[:n], data.num_classes)
+
+
+def build(config: ml_collections.ConfigDict, stage: str
+          ) -> tuple[trainer.Trainer, trainer.TrainState, int]:
+  """The trainer, its initial state and the parameter count for ``stage``."""
+  mesh = sharding.make_mesh()
+  split = ip.load_split(config.data, config.data.train_split)
+  data = ip.DeviceSplit.create(split, mesh)
+  eval_data = ip.DeviceSplit(data.images[:config.batch_size], data.labels[:config.batch_size],
+                             data.num_classes)
+  if stage == 'pretrain':
+    model = models.build_autoencoder(config.model)
+    params = pretrain.init_params(config, model, mesh)
+    loss_fn, eval_fn = pretrain.make_task(config, model)
+  else:
+    encoder = models.build_encoder(config.model)
+    dummy = jnp.zeros((1, *ip.IMAGE_SHAPE), jnp.float32)
+    rngs = {'params': jax.random.key(config.seed)}
+    if stage == 'probe':
+      enc_params = jax.jit(lambda: encoder.init(rngs, dummy, train=False)['params'])()
+      data = cache_features(encoder, enc_params, data, config.batch_size)
+      eval_data = data
+      model = _LinearHead(NUM_CLASSES)
+      params = jax.jit(lambda: model.init(rngs, data.images[:1], train=False)['params'])()
+    else:
+      model = _Classifier(encoder, FINETUNE_HIDDEN[config.model.name], NUM_CLASSES)
+      params = jax.jit(lambda: model.init(rngs, dummy, train=False)['params'])()
+    params = jax.device_put(params, sharding.replicated(mesh))
+    loss_fn, eval_fn = _classifier_task(config, model, stage)
+  spe = ip.steps_per_epoch(len(data), config.batch_size)
+  tx, schedule = make_optimizer(config.optim, params, steps_per_epoch=spe,
+                                total_steps=spe * config.num_epochs)
+  loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
+                         schedule=schedule, train_data=data, eval_data=eval_data)
+  count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  return loop, loop.init_state(params), count
+
+
+def _flops(compiled: Any) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax: one dict per device program.
+    cost = cost[0] if cost else None
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'float32',
+              steps_per_dispatch: int = 0, seconds: float = 3.0, windows: int = 3
+              ) -> dict[str, Any]:
+  """Times one configuration; returns the JSON record (see the module docstring)."""
+  config = load_config(spec, batch, dtype, steps_per_dispatch)
+  k = config.steps_per_dispatch
+  loop, state, num_params = build(config, stage)
+  data, perm = loop.train_data, loop.permutation(state.step)
+
+  t0 = time.perf_counter()
+  compiled = loop.train_chunk.lower(state, data, perm, k).compile()
+  compile_s = time.perf_counter() - t0
+  # The cost of one step: a K-step scan is one while loop, whose body XLA's
+  # cost analysis counts once, so K=1 is lowered separately when needed.
+  one = compiled if k == 1 else loop.train_chunk.lower(state, data, perm, 1).compile()
+  flops_per_image = (_flops(one) or 0.0) / config.batch_size or None
+
+  # Warm-up: the first calls fault in fresh memory and fill caches.
+  calls = 0
+  t0 = time.perf_counter()
+  while calls < 3 or (time.perf_counter() - t0 < 0.5 and calls < 50):
+    state, metrics = compiled(state, data, perm)
+    jax.block_until_ready(metrics)
+    calls += 1
+  per_call = (time.perf_counter() - t0) / calls
+  calls_per_window = max(1, int(round(seconds / max(per_call, 1e-6))))
+  rates = []
+  for _ in range(windows):
+    t0 = time.perf_counter()
+    for _ in range(calls_per_window):
+      state, metrics = compiled(state, data, perm)
+    jax.block_until_ready((state, metrics))
+    rates.append(calls_per_window * k * config.batch_size / (time.perf_counter() - t0))
+  loss = float(np.asarray(metrics['train/loss'])[-1])
+  if not np.isfinite(loss):
+    raise RuntimeError(f'{spec} {stage}: the loss became {loss} while timing')
+
+  images_per_s = statistics.median(rates)
+  device = jax.devices()[0]
+  stats = device.memory_stats()
+  return {
+      'model': spec, 'stage': stage, 'batch': config.batch_size, 'dtype': dtype,
+      'steps_per_dispatch': k,
+      'images_per_s': round(images_per_s, 1),
+      'images_per_s_windows': [round(r, 1) for r in rates],
+      'step_ms': round(1e3 * config.batch_size / images_per_s, 3),
+      'compile_s': round(compile_s, 2),
+      'params': num_params,
+      'flops_per_image': flops_per_image,
+      'flops_per_s': flops_per_image * images_per_s if flops_per_image else None,
+      'peak_memory_bytes': stats.get('peak_bytes_in_use') if stats else None,
+      'backend': jax.default_backend(),
+      'device_kind': device.device_kind,
+      'num_devices': jax.device_count(),
+      'cpu_tuning': platform.applied(),
+  }
+
+
+def main(argv: list[str]) -> None:
+  platform.configure()  # CPU runtime flags, before anything creates the backend.
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments {argv[1:]}; flags are written --name=value.')
+  if _ALL.value:
+    runs = [(m, b, s, 0) for m, b, s in REFERENCE_SET]
+  else:
+    runs = [(_MODEL.value, _BATCH.value, _STAGE.value, _K.value)]
+  for spec, batch, stage, k in runs:
+    record = bench_one(spec, batch, stage=stage, dtype=_DTYPE.value, steps_per_dispatch=k,
+                       seconds=_SECONDS.value, windows=_WINDOWS.value)
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,82 @@
+"""Tests of the benchmark command and of steps per dispatch (no timing asserted)."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mil_jax import bench
+from mil_jax.models import conv_ae
+
+from .conftest import run_command
+
+FIELDS = ('model', 'stage', 'batch', 'dtype', 'steps_per_dispatch', 'images_per_s', 'step_ms',
+          'compile_s', 'params', 'flops_per_image', 'flops_per_s', 'peak_memory_bytes',
+          'backend', 'device_kind')
+
+
+def check_record(record, model, stage, batch, k):
+  assert set(FIELDS) <= set(record), set(FIELDS) - set(record)
+  assert (record['model'], record['stage'], record['batch']) == (model, stage, batch)
+  assert record['steps_per_dispatch'] == k
+  assert record['images_per_s'] > 0 and record['step_ms'] > 0 and record['compile_s'] > 0
+  assert record['params'] > 0 and record['flops_per_image'] > 0 and record['flops_per_s'] > 0
+  assert record['backend'] == 'cpu' and record['device_kind']
+  json.dumps(record)  # Every value is plain JSON.
+
+
+def test_command_prints_one_json_line():
+  result = run_command(['-m', 'mil_jax.bench', '--model', 'fc:runlocal', '--batch', '8',
+                        '--steps_per_dispatch', '2', '--seconds', '0.02', '--windows', '1'],
+                       timeout=120)
+  assert result.returncode == 0, result.stderr
+  lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
+  assert len(lines) == 1
+  check_record(json.loads(lines[0]), 'fc:runlocal', 'pretrain', 8, 2)
+
+
+def test_command_rejects_unknown_model():
+  result = run_command(['-m', 'mil_jax.bench', '--model', 'resnet'], timeout=60)
+  assert result.returncode == 2
+  assert 'unknown model' in result.stderr
+
+
+@pytest.mark.parametrize('model,stage', [
+    ('mae:seed,runlocal', 'pretrain'), ('conv:192,runlocal', 'probe'),
+    ('fc:runlocal', 'finetune')])
+def test_bench_one_every_model_and_stage(model, stage):
+  record = bench.bench_one(model, 8, stage=stage, steps_per_dispatch=1, seconds=0.02, windows=1)
+  check_record(record, model, stage, 8, 1)
+
+
+@pytest.mark.parametrize('model', ['conv:192,runlocal', 'mae:seed,runlocal'])
+def test_steps_per_dispatch_equals_single_steps(model):
+  config = bench.load_config(model, 8, 'float32', 4)
+  loop, state_a, _ = bench.build(config, 'pretrain')
+  _, state_b, _ = bench.build(config, 'pretrain')
+  data, perm = loop.train_data, loop.permutation(state_a.step)
+  state_a, metrics_a = loop.train_chunk(state_a, data, perm, 4)
+  losses_b = []
+  for _ in range(4):
+    state_b, metrics_b = loop.train_chunk(state_b, data, perm, 1)
+    losses_b.append(metrics_b['train/loss'][0])
+  assert int(state_a.step) == int(state_b.step) == 4
+  np.testing.assert_allclose(metrics_a['train/loss'], np.stack(losses_b), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('side,cin,cout', [(32, 3, 6), (4, 12, 24), (2, 48, 24)])
+def test_dot_convs_equal_flax_convs(side, cin, cout):
+  """The patches-times-matrix convs compute nn.Conv / nn.ConvTranspose exactly."""
+  import flax.linen as nn
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (2, side, side, cin))
+  params = {'kernel': jax.random.normal(keys[1], (4, 4, cin, cout)),
+            'bias': jax.random.normal(keys[2], (cout,))}
+  down = nn.Conv(cout, (4, 4), strides=(2, 2), padding=conv_ae._CONV_PADDING)
+  np.testing.assert_allclose(conv_ae.conv_down(x, **params),
+                             down.apply({'params': params}, x), rtol=1e-5, atol=1e-4)
+  up = nn.ConvTranspose(cout, (4, 4), strides=(2, 2), padding=conv_ae._CONV_TRANSPOSE_PADDING)
+  np.testing.assert_allclose(conv_ae.conv_up(x, **params),
+                             up.apply({'params': params}, x), rtol=1e-5, atol=1e-4)
