@@ -6,6 +6,7 @@ user error too.
 """
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import re
@@ -66,9 +67,16 @@ def expand_type_flag(argv: list[str]) -> list[str]:
   return [argv[0], f'--config={CONFIG_DIR / kind}.py', *argv[1:]]
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """Parses flags (config file and overrides included); mistakes exit 2."""
-  argv = expand_type_flag(list(argv))
+def parse_flags(argv: list[str], *, type_picks_config: bool = False) -> list[str]:
+  """Parses flags (config file and overrides included); mistakes exit 2.
+
+  Args:
+    argv: the command line.
+    type_picks_config: ``--type X`` stands for ``--config configs/X.py``
+      (pretraining); elsewhere ``--type`` is an ordinary flag.
+  """
+  if type_picks_config:
+    argv = expand_type_flag(list(argv))
   path = _config_path(argv)
   if path is not None:
     file = path.split(':', 1)[0]
@@ -100,8 +108,8 @@ def define_run_flags(default_config: str | None, config_help: str, workdir_help:
                             'Replace a run of a different config found in --workdir.'))
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """Runs ``main`` under absl with the design's exit codes."""
+def run(main: Callable[[list[str]], None], *, type_picks_config: bool = False) -> None:
+  """Runs ``main`` under absl with the design's exit codes (see :func:`parse_flags`)."""
 
   def wrapped(argv: list[str]) -> None:
     if len(argv) > 1:
@@ -124,4 +132,5 @@ def run(main: Callable[[list[str]], None]) -> None:
       print('interrupted before the first training step; nothing was saved.', file=sys.stderr)
       sys.exit(130)
 
-  app.run(wrapped, flags_parser=parse_flags)
+  app.run(wrapped, flags_parser=functools.partial(parse_flags,
+                                                  type_picks_config=type_picks_config))

@@ -13,6 +13,8 @@ from mil_jax.errors import UserError
 
 from .conftest import latest_params, run_command
 
+CLASSIFY_SCRIPT = 'train_classifier.py'
+
 
 def clf_config(pretrained, **fields):
   config = classifier_config.get_config('runlocal')
@@ -140,12 +142,18 @@ def test_not_a_checkpoint(tmp_path, pretrained):
 def test_command_line(tmp_path, pretrained):
   runs = tmp_path / 'runs'
   shutil.copytree(pretrained, runs / 'pretrain_conv')
-  args = ['train_classifier.py', '--mode', 'probing', '--num_epochs', '1',
+  args = [CLASSIFY_SCRIPT, '--mode', 'probing', '--num_epochs', '1',
           '--config', 'configs/classifier.py:runlocal', f'--config.runs_dir={runs}']
   out = run_command(args)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f'using the newest pretraining run: {runs / "pretrain_conv"}' in out.stdout
   assert (runs / 'classify_probing_frozen_conv' / 'metrics.jsonl').exists()
+  # --type names the encoder here (it picks the config only in train_pretrain.py).
+  out = run_command([CLASSIFY_SCRIPT, '--mode', 'fine_tune', '--from_scratch', '--type',
+                     'conv:192,runlocal', '--num_epochs', '1', '--config.data.source=fake',
+                     '--config.data.fake_train_size=256', f'--workdir={tmp_path / "scratch"}'])
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert (tmp_path / 'scratch' / 'accuracy.png').exists()
   out = run_command([*args, '--from_scratch', '--type', 'conv', '--freeze'])
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [
