@@ -34,16 +34,12 @@ import numpy as np
 import optax
 from absl import flags
 
-from configs import conv as conv_config
-from configs import fc as fc_config
-from configs import mae as mae_config
-from mil_jax import cli
+import configs
+from mil_jax import cli, models, platform, pretrain, sharding, trainer
 from mil_jax import input_pipeline as ip
-from mil_jax import models, platform, pretrain, sharding, trainer
 from mil_jax.errors import UserError
 from mil_jax.optim import make_optimizer
 
-CONFIGS = {'fc': fc_config, 'conv': conv_config, 'mae': mae_config}
 STAGES = ('pretrain', 'probe', 'finetune')
 NUM_CLASSES = 100
 # (model, batch, stage): the reference set of ``--all``.
@@ -97,13 +93,11 @@ class _Classifier(nn.Module):
 def load_config(spec: str, batch: int, dtype: str, steps_per_dispatch: int
                 ) -> ml_collections.ConfigDict:
   """The pretraining config named by ``'name[:variant]'``, set up for timing."""
-  name, _, variant = spec.partition(':')
-  if name not in CONFIGS:
-    raise UserError(f'unknown model {name!r}; use fc, conv or mae (with :variant).')
+  name = spec.partition(':')[0]
   try:
-    config = CONFIGS[name].get_config(variant or None)
+    config = configs.pretraining_config(spec)
   except ValueError as e:
-    raise UserError(f'bad variant {variant!r} for {name}: {e}') from None
+    raise UserError(f'{e}.') from None
   config.batch_size = batch or config.batch_size
   config.model.dtype = dtype
   config.steps_per_dispatch = steps_per_dispatch or DEFAULT_K[name]

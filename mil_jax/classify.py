@@ -38,13 +38,9 @@ FREEZE_RULES = ('encoder/.*',)
 
 def _type_config(spec: str) -> ml_collections.ConfigDict:
   """The model block of ``configs/<type>.py[:variant]`` for ``spec = 'type[:variant]'``."""
-  from configs import conv, fc, mae  # noqa: PLC0415 (configs import mil_jax lazily)
-  kind, _, variant = spec.partition(':')
-  modules = {'fc': fc, 'conv': conv, 'mae': mae}
-  if kind not in modules:
-    raise UserError(f'unknown model type {kind!r}; use fc, conv or mae.')
+  import configs  # noqa: PLC0415 (configs import mil_jax lazily)
   try:
-    return modules[kind].get_config(variant or None).model
+    return configs.pretraining_config(spec).model
   except ValueError as e:
     raise UserError(f'{e}.') from None
 

@@ -99,14 +99,9 @@ def _keys(text: str, known: ml_collections.ConfigDict, what: str) -> list[str]:
 
 def pretrain_config(grid: ml_collections.ConfigDict, row: str) -> ml_collections.ConfigDict:
   """The pretraining config of ``row``: its config file and variant, then the grid's fields."""
-  from configs import conv, fc, mae  # noqa: PLC0415 (configs import mil_jax lazily)
-  spec = grid.row[row].pretrain
-  kind, _, variant = spec.partition(':')
-  modules = {'fc': fc, 'conv': conv, 'mae': mae}
-  if kind not in modules:
-    raise UserError(f'row {row} pretrains {spec!r}; its file must be fc, conv or mae.')
+  import configs  # noqa: PLC0415 (configs import mil_jax lazily)
   try:
-    config = modules[kind].get_config(variant or None)
+    config = configs.pretraining_config(grid.row[row].pretrain)
   except ValueError as e:
     raise UserError(f'row {row}: {e}.') from None
   if grid.row[row].num_epochs:
