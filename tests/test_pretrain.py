@@ -106,7 +106,9 @@ from mil_jax import pretrain
 from tests.conftest import latest_params
 from tests.test_pretrain import tiny
 workdir = pathlib.Path(sys.argv[1])
-pretrain.train_and_evaluate(tiny(conv_config, '192,runlocal', 'sgd', num_epochs=1), workdir)
+config = tiny(conv_config, '192,runlocal', 'sgd', num_epochs=1)
+config.data.fake_train_size = 32  # one step: float noise has no steps to grow over
+pretrain.train_and_evaluate(config, workdir)
 flat = jax.tree_util.tree_flatten_with_path(latest_params(workdir)[1])[0]
 np.savez(workdir / 'params.npz', **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
 print(len(jax.devices()))
@@ -118,6 +120,7 @@ print(len(jax.devices()))
   eight = dict(np.load(tmp_path / '8' / 'params.npz'))
 
   config = tiny(conv_config, '192,runlocal', 'sgd', num_epochs=1)
+  config.data.fake_train_size = 32
   pretrain.train_and_evaluate(config, tmp_path / '1')
   flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v)
                        for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -125,12 +128,14 @@ print(len(jax.devices()))
   init = flat(pretrain.init_params(config, models.build_autoencoder(config.model),
                                    sharding.make_mesh()))
   assert one.keys() == eight.keys() == init.keys()
+  # The one step's update of each tensor, against how far the two runs disagree.
+  # Summation order differs across devices (seen: up to 7e-4 of the update);
+  # a sharding bug (unaveraged gradients, wrong rows per device) is ~100%. Over
+  # several steps ReLU kinks and momentum would blow the float noise up.
   for name in one:
-    # What training moved each tensor by, against how far the two runs disagree
-    # (summation order differs across devices; a sharding bug disagrees by ~100%).
     moved = np.linalg.norm(one[name] - init[name])
     assert moved > 0, name
-    assert np.linalg.norm(eight[name] - one[name]) < 0.02 * moved, name
+    assert np.linalg.norm(eight[name] - one[name]) < 0.01 * moved, name
 
 
 def test_command_line_variants_overrides_and_type(tmp_path):
