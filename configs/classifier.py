@@ -57,10 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = common.data_config()
   config.data.augment = True       # applies when the encoder trains (see cache_features)
 
-  config.optim = ml_collections.ConfigDict(dict(
-      name='adamw', lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999,
-      schedule='warmup_cosine', warmup_epochs=2, decay_rate=0.0, cosine_steps=0,
-      grad_clip_norm=0.0))
+  config.optim = common.optim_config('adamw', 1e-3, 'warmup_cosine', weight_decay=1e-4,
+                                     warmup_epochs=2)
 
   if args.seed:
     config.optim.update(name='adam', lr=3e-3, weight_decay=0.0, schedule='constant',

@@ -59,6 +59,25 @@ def data_config(source: str = 'tfds:cifar100') -> ml_collections.ConfigDict:
   ))
 
 
+def optim_config(name: str, lr: float, schedule: str, **fields) -> ml_collections.ConfigDict:
+  """The optim block: every field ``mil_jax.optim`` reads, defaults for the rest.
+
+  Fields: ``name`` (adam | adamw | sgd; sgd's momentum is ``b1``), ``lr``,
+  ``weight_decay``, ``b1``, ``b2``, ``schedule`` (constant | exponential |
+  cosine | warmup_cosine), ``warmup_epochs``, ``decay_rate`` (exponential: the
+  factor per epoch), ``cosine_steps`` (cosine period in steps, PyTorch's
+  T_max; 0 = the whole run), ``grad_clip_norm`` (0 = off).
+  """
+  optim = ml_collections.ConfigDict(dict(
+      name=name, lr=lr, weight_decay=0.0, b1=0.9, b2=0.999, schedule=schedule,
+      warmup_epochs=0, decay_rate=1.0, cosine_steps=0, grad_clip_norm=0.0))
+  unknown = set(fields) - set(optim.keys())
+  if unknown:  # ConfigDict.update would add them silently
+    raise ValueError(f'unknown optim fields {sorted(unknown)}')
+  optim.update(fields)
+  return optim
+
+
 def loop_config(config: ml_collections.ConfigDict, *, batch_size: int, num_epochs: int) -> None:
   """Sets the fields of the training loop that every config has."""
   config.seed = 0

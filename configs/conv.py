@@ -51,18 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dtype='float32',                # compute dtype: 'float32' | 'bfloat16'
   ))
 
-  config.optim = ml_collections.ConfigDict(dict(
-      name='adam',
-      lr=1e-4,
-      weight_decay=0.0,
-      b1=0.9,
-      b2=0.999,
-      schedule='cosine',
-      warmup_epochs=0,
-      decay_rate=1.0,
-      cosine_steps=1562,              # torch CosineAnnealingLR T_max, in steps
-      grad_clip_norm=0.0,
-  ))
+  config.optim = common.optim_config('adam', 1e-4, 'cosine',
+                                     cosine_steps=1562)  # torch CosineAnnealingLR T_max, in steps
 
   if args.runlocal:
     common.runlocal(config)

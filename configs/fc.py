@@ -40,18 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dtype='float32',                # compute dtype: 'float32' | 'bfloat16'
   ))
 
-  config.optim = ml_collections.ConfigDict(dict(
-      name='adam',
-      lr=1e-4,
-      weight_decay=0.0,
-      b1=0.9,
-      b2=0.999,
-      schedule='exponential',
-      warmup_epochs=0,
-      decay_rate=0.9,                 # lr factor per epoch
-      cosine_steps=0,
-      grad_clip_norm=0.0,
-  ))
+  config.optim = common.optim_config('adam', 1e-4, 'exponential',
+                                     decay_rate=0.9)  # lr factor per epoch
 
   if args.runlocal:
     common.runlocal(config)

@@ -71,18 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dtype='float32',                # compute dtype: 'float32' | 'bfloat16'
   ))
 
-  config.optim = ml_collections.ConfigDict(dict(
-      name='adamw',
-      lr=2e-4,
-      weight_decay=0.05,
-      b1=0.9,
-      b2=0.999,
-      schedule='warmup_cosine',
-      warmup_epochs=200,
-      decay_rate=1.0,
-      cosine_steps=0,                 # 0 = cosine over the whole run after warmup
-      grad_clip_norm=0.0,
-  ))
+  config.optim = common.optim_config('adamw', 2e-4, 'warmup_cosine', weight_decay=0.05,
+                                     warmup_epochs=200)  # then cosine to 0 at the end
 
   if args.notebook:
     config.model.depth = 8
