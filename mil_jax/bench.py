@@ -252,8 +252,6 @@ def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'f
 
 def main(argv: list[str]) -> None:
   platform.configure()  # CPU runtime flags, before anything creates the backend.
-  if len(argv) > 1:
-    raise UserError(f'unexpected arguments {argv[1:]}; flags are written --name=value.')
   if _ALL.value:
     runs = [(m, b, s, 0) for m, b, s in REFERENCE_SET]
   else:

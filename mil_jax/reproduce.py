@@ -394,12 +394,10 @@ def main(argv: list[str]) -> None:
   from absl import flags  # noqa: PLC0415
 
   from mil_jax import cli  # noqa: PLC0415
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}; flags are written --name=value.')
   grid = flags.FLAGS.config
   if grid is None:
     cli.fail('no config given; pass --config configs/reproduce.py:seed|quick|cpu|runlocal.')
-  workdir = pathlib.Path(flags.FLAGS.workdir)
+  workdir = pathlib.Path(flags.FLAGS.workdir or 'runs/reproduce')
   if flags.FLAGS.compile_cache and not jax.config.jax_compilation_cache_dir:
     # Many cells compile the same programs (the columns of a row share their
     # steps, FC+l1 and FC+l2 share their encoder): compile each once, and
@@ -417,17 +415,12 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   from absl import flags
-  from ml_collections import config_flags
 
   from mil_jax import cli
 
-  config_flags.DEFINE_config_file(
-      'config', None, 'The grid and its variant, e.g. configs/reproduce.py:quick.',
-      lock_config=True)
-  flags.DEFINE_string('workdir', 'runs/reproduce', 'Where the grid\'s cells and results go.')
+  cli.define_run_flags(None, 'The grid and its variant, e.g. configs/reproduce.py:quick.',
+                       'Where the grid\'s cells and results go (default: runs/reproduce).')
   flags.DEFINE_bool('compile_cache', True,
                     'Keep compiled programs in WORKDIR/compile_cache (unless '
                     'JAX_COMPILATION_CACHE_DIR is set) and reuse them across cells and reruns.')
-  flags.DEFINE_bool('overwrite', False,
-                    'Replace a cell\'s run of a different config found in its workdir.')
   cli.run(main)

@@ -63,8 +63,6 @@ def summarize(model_config: Mapping[str, Any]) -> tuple[list[str], dict[str, Any
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}; flags are written --name=value.')
   if _CONFIG.value is None:
     cli.fail('no config given; pass e.g. --config configs/mae.py:seed.')
   lines, summary = summarize(_CONFIG.value.model)
