@@ -46,9 +46,6 @@ NUM_CLASSES = 100
 REFERENCE_SET = (('fc', 128, 'pretrain'), ('conv:192', 32, 'pretrain'),
                  ('conv:192', 128, 'pretrain'), ('conv:256', 32, 'pretrain'),
                  ('mae:seed', 128, 'pretrain'), ('conv:256', 128, 'probe'))
-# Steps per dispatch in the reference set: tiny models are dispatch-bound, so
-# they run several steps per call; the MAE's step is long enough for one.
-DEFAULT_K = {'fc': 8, 'conv': 16, 'mae': 1}
 # Hidden width of the fine-tuning MLP head, as the reference (SEED.md).
 FINETUNE_HIDDEN = {'fc': 192, 'conv': 150, 'mae': 150}
 
@@ -57,7 +54,7 @@ _MODEL = flags.DEFINE_string('model', 'conv:192', 'fc|conv|mae, optionally :vari
 _BATCH = flags.DEFINE_integer('batch', 0, 'Global batch size (0: the config\'s).')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _K = flags.DEFINE_integer('steps_per_dispatch', 0,
-                          'Train steps per jitted call (0: 8 for fc, 16 for conv, 1 for mae).')
+                          'Train steps per jitted call (0: the config\'s, as training runs).')
 _STAGE = flags.DEFINE_enum('stage', 'pretrain', list(STAGES), 'Which training step to time.')
 _ALL = flags.DEFINE_bool('all', False, 'Run the reference set (ignores --model/--batch/--stage).')
 _SECONDS = flags.DEFINE_float('seconds', 3.0, 'Approximate length of one timed window.')
@@ -93,14 +90,13 @@ class _Classifier(nn.Module):
 def load_config(spec: str, batch: int, dtype: str, steps_per_dispatch: int
                 ) -> ml_collections.ConfigDict:
   """The pretraining config named by ``'name[:variant]'``, set up for timing."""
-  name = spec.partition(':')[0]
   try:
     config = configs.pretraining_config(spec)
   except ValueError as e:
     raise UserError(f'{e}.') from None
   config.batch_size = batch or config.batch_size
   config.model.dtype = dtype
-  config.steps_per_dispatch = steps_per_dispatch or DEFAULT_K[name]
+  config.steps_per_dispatch = steps_per_dispatch or config.steps_per_dispatch
   config.data.source = 'fake'
   config.data.fake_num_classes = NUM_CLASSES
   # Enough examples for a few epochs of distinct batches; the step cost does
@@ -180,7 +176,8 @@ def build(config: ml_collections.ConfigDict, stage: str
   tx, schedule = make_optimizer(config.optim, params, steps_per_epoch=spe,
                                 total_steps=spe * config.num_epochs)
   loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
-                         schedule=schedule, train_data=data, eval_data=eval_data)
+                         schedule=schedule, train_data=data, eval_data=eval_data,
+                         compiler_options=platform.compiler_options(config.model.name))
   count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   return loop, loop.init_state(params), count
 
@@ -251,7 +248,6 @@ def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'f
 
 
 def main(argv: list[str]) -> None:
-  platform.configure()  # CPU runtime flags, before anything creates the backend.
   if _ALL.value:
     runs = [(m, b, s, 0) for m, b, s in REFERENCE_SET]
   else:

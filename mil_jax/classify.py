@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mil_jax import checkpoint, models, report, sharding, trainer
+from mil_jax import checkpoint, models, platform, report, sharding, trainer
 from mil_jax import input_pipeline as ip
 from mil_jax import workdir as workdir_lib
 from mil_jax.errors import UserError
@@ -269,7 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   loss_fn, eval_fn = make_task(config, clf, num_classes, on_features=cached,
                                augment=config.data.augment and not cached)
   loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
-                         schedule=schedule, train_data=train_data, eval_data=eval_data)
+                         schedule=schedule, train_data=train_data, eval_data=eval_data,
+                         compiler_options=platform.compiler_options(model_cfg['name']))
   state, final, workdir = loop.run(
       loop.init_state(params, model_state), workdir, overwrite=overwrite,
       meta={'stage': 'classify', 'config': config.to_dict(), 'encoder_model': model_cfg,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 
+from mil_jax import platform
 from mil_jax.errors import Interrupted, UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
@@ -117,6 +118,7 @@ def run(main: Callable[[list[str]], None], *, type_picks_config: bool = False) -
     # Orbax and TFDS log every file they touch, and warn about things that are
     # fine here; the user wants the progress bar and our own messages.
     logging.set_verbosity(logging.INFO if flags.FLAGS.debug else logging.ERROR)
+    platform.configure()  # XLA:CPU flags, before anything creates the backend.
     try:
       main(argv)
     except UserError as e:

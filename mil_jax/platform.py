@@ -1,11 +1,15 @@
-"""CPU runtime settings that must be in place before JAX creates its backend.
+"""CPU settings of XLA for the training programs.
 
-``configure()`` must run before the first jax call that touches a device
-(importing jax is fine: XLA reads ``XLA_FLAGS`` when the backend is created).
-``python -m mil_jax.bench`` calls it at import; a program calls it first thing
-in ``main``. It only acts when the run will be on the CPU (``JAX_PLATFORMS``
-says cpu, or no GPU/TPU plugin is installed) and never overrides a flag the
-user set in ``XLA_FLAGS``.
+``configure()`` sets process-wide flags and must run before the first jax call
+that touches a device (importing jax is fine: XLA reads ``XLA_FLAGS`` when the
+backend is created). Every command (``train_pretrain.py``,
+``train_classifier.py``, ``mil_jax.reproduce``, ``mil_jax.bench``) calls it
+first thing in ``main``. It only acts when the run will be on the CPU
+(``JAX_PLATFORMS`` says cpu, or no GPU/TPU plugin is installed) and never
+overrides a flag the user set in ``XLA_FLAGS``.
+
+``compiler_options(model)`` gives per-model options for ``jax.jit``, which
+the trainer applies to its programs when the backend is the CPU.
 """
 from __future__ import annotations
 
@@ -17,6 +21,14 @@ import os
 # whose YNN kernels were slower than XLA's own on the attention softmax and
 # LayerNorm backward of the MAE.
 CPU_XLA_FLAGS: dict[str, str] = {'xla_cpu_experimental_ynn_fusion_type': '-reduce'}
+
+# Per-model options of the train and eval programs on XLA:CPU. The Conv
+# autoencoder's dots are tiny (at most 48 channels), where XLA's own loops beat
+# YNNPACK's library calls (see the README's Performance section); the FC and
+# MAE dots are large and faster in YNNPACK.
+CPU_COMPILER_OPTIONS: dict[str, dict[str, str]] = {
+    'conv': {'xla_cpu_experimental_ynn_fusion_type': ''},
+}
 
 _applied: list[str] = []
 
@@ -43,3 +55,11 @@ def configure() -> None:
 def applied() -> list[str]:
   """What ``configure`` changed (for benchmark records)."""
   return [a for a in _applied if a != 'none']
+
+
+def compiler_options(model: str | None) -> dict[str, str] | None:
+  """``jax.jit`` compiler options for the programs of ``model`` (None: XLA's defaults)."""
+  import jax  # pylint: disable=import-outside-toplevel  (keeps this module importable first)
+  if model is None or jax.default_backend() != 'cpu':
+    return None
+  return CPU_COMPILER_OPTIONS.get(model)

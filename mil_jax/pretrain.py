@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from mil_jax import input_pipeline as ip
-from mil_jax import losses, models, report, sharding, trainer
+from mil_jax import losses, models, platform, report, sharding, trainer
 from mil_jax.errors import UserError
 from mil_jax.metric_writers import read_metrics
 from mil_jax.models import mae as mae_lib
@@ -132,7 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                 total_steps=spe * config.num_epochs)
   loss_fn, eval_fn = make_task(config, model)
   loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
-                         schedule=schedule, train_data=train_data, eval_data=eval_data)
+                         schedule=schedule, train_data=train_data, eval_data=eval_data,
+                         compiler_options=platform.compiler_options(config.model.name))
   state, final, workdir = loop.run(
       loop.init_state(params), workdir, overwrite=overwrite,
       meta={'stage': 'pretrain', 'config': config.to_dict()})

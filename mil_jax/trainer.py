@@ -81,6 +81,8 @@ class Trainer:
     loss_fn, eval_fn: see the module docstring.
     tx, schedule: the optimizer and its learning rate per step.
     train_data, eval_data: the splits, already on the devices.
+    compiler_options: XLA options of the train and eval programs
+      (``platform.compiler_options``).
   """
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
@@ -90,6 +92,7 @@ class Trainer:
   schedule: optax.Schedule
   train_data: ip.DeviceSplit
   eval_data: ip.DeviceSplit
+  compiler_options: dict[str, str] | None = None
 
   def __post_init__(self):
     cfg = self.config
@@ -102,9 +105,10 @@ class Trainer:
     repl = sharding.replicated(self.mesh)
     self._batch_sharding = sharding.batch_sharded(self.mesh)
     self.train_chunk = jax.jit(self._train_chunk, static_argnums=3, donate_argnums=0,
-                               in_shardings=(repl, repl, repl), out_shardings=repl)
+                               in_shardings=(repl, repl, repl), out_shardings=repl,
+                               compiler_options=self.compiler_options)
     self.permutation = jax.jit(self._permutation, out_shardings=repl)
-    self.evaluate_fn = jax.jit(self._evaluate, out_shardings=repl)
+    self.evaluate_fn = jax.jit(self._evaluate, out_shardings=repl, compiler_options=self.compiler_options)
     idx, valid = ip.eval_indices(len(self.eval_data), cfg.batch_size)
     self._eval_idx, self._eval_valid = sharding.put_replicated((idx, valid), self.mesh)
 

@@ -2,6 +2,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -68,15 +69,45 @@ def test_steps_per_dispatch_equals_single_steps(model):
 
 @pytest.mark.parametrize('side,cin,cout', [(32, 3, 6), (4, 12, 24), (2, 48, 24)])
 def test_dot_convs_equal_flax_convs(side, cin, cout):
-  """The patches-times-matrix convs compute nn.Conv / nn.ConvTranspose exactly."""
+  """The dot-form convs compute nn.Conv / nn.ConvTranspose and their gradients exactly."""
   import flax.linen as nn
-  keys = jax.random.split(jax.random.key(0), 3)
+  keys = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(keys[0], (2, side, side, cin))
   params = {'kernel': jax.random.normal(keys[1], (4, 4, cin, cout)),
             'bias': jax.random.normal(keys[2], (cout,))}
-  down = nn.Conv(cout, (4, 4), strides=(2, 2), padding=conv_ae._CONV_PADDING)
-  np.testing.assert_allclose(conv_ae.conv_down(x, **params),
-                             down.apply({'params': params}, x), rtol=1e-5, atol=1e-4)
-  up = nn.ConvTranspose(cout, (4, 4), strides=(2, 2), padding=conv_ae._CONV_TRANSPOSE_PADDING)
-  np.testing.assert_allclose(conv_ae.conv_up(x, **params),
-                             up.apply({'params': params}, x), rtol=1e-5, atol=1e-4)
+  flax_convs = {
+      conv_ae.conv_down: nn.Conv(cout, (4, 4), strides=(2, 2), padding=conv_ae._CONV_PADDING),
+      conv_ae.conv_up: nn.ConvTranspose(cout, (4, 4), strides=(2, 2),
+                                        padding=conv_ae._CONV_TRANSPOSE_PADDING)}
+  for ours, theirs in flax_convs.items():
+    def loss(fn, x, params):
+      y = fn(x, params)
+      return jnp.sum(y * jax.random.normal(keys[3], y.shape))  # A cotangent that is not 1.
+
+    def ours_fn(x, p):
+      return ours(x, **p)
+
+    def theirs_fn(x, p):
+      return theirs.apply({'params': p}, x)
+
+    np.testing.assert_allclose(ours_fn(x, params), theirs_fn(x, params), rtol=1e-5, atol=1e-4)
+    got = jax.grad(loss, argnums=(1, 2))(ours_fn, x, params)
+    want = jax.grad(loss, argnums=(1, 2))(theirs_fn, x, params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_conv_programs_compile_without_ynnpack_on_cpu(monkeypatch):
+  """platform.CPU_COMPILER_OPTIONS reaches the trainer's compiled program."""
+  from mil_jax import platform
+
+  def compiled_text():
+    config = bench.load_config('conv:192,runlocal', 8, 'float32', 1)
+    loop, state, _ = bench.build(config, 'pretrain')
+    return loop.train_chunk.lower(state, loop.train_data, loop.permutation(state.step),
+                                  1).compile().as_text()
+
+  assert platform.compiler_options('conv') == {'xla_cpu_experimental_ynn_fusion_type': ''}
+  assert '__ynn' not in compiled_text()
+  monkeypatch.setattr(platform, 'CPU_COMPILER_OPTIONS', {})
+  assert '__ynn' in compiled_text()

@@ -36,12 +36,14 @@ def _xavier_normal(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.fl
   std = math.sqrt(2.0 / (receptive * shape[-2] + receptive * shape[-1]))
   return (std * jax.random.normal(key, (math.prod(shape),), dtype)).reshape(shape)
 
-# Every conv is written as patches times a matrix ("im2col") instead of
-# lax.conv: with these tiny channel counts XLA:CPU runs lax.conv and above all
-# its gradients (inside lax.scan) several times slower than one plain dot over
-# gathered patches, and the dot form is as fast on a GPU. The params are those
-# of nn.Conv / nn.ConvTranspose: ``kernel`` [4, 4, in, out] and ``bias`` [out].
-
+# Every conv is written with dots instead of lax.conv: with these tiny channel
+# counts XLA:CPU runs lax.conv, and above all its gradients, several times
+# slower than a few plain dots over a space-to-depth view of the image, and the
+# dot form is as fast on a GPU. A k4 s2 p1 conv is a k2 s1 conv over 2x2 pixel
+# blocks (four shifted dots), and the transposed conv is its exact transpose
+# (four dots whose outputs are shifted, summed and put back to pixels), so
+# neither ever builds a patch matrix. The params are those of nn.Conv /
+# nn.ConvTranspose: ``kernel`` [4, 4, in, out] and ``bias`` [out].
 
 # The lax padding of the equivalent nn.Conv / nn.ConvTranspose: torch's
 # padding=1 for the conv; for the transposed conv, a conv over the
@@ -51,18 +53,34 @@ _CONV_PADDING = ((1, 1), (1, 1))
 _CONV_TRANSPOSE_PADDING = ((2, 2), (2, 2))
 
 
-def _blocks(x: jax.Array) -> jax.Array:
-  """[B, H, W, C] padded by one pixel -> 2x2 blocks [B, H/2 + 1, 2, W/2 + 1, 2, C]."""
+def _space_to_depth(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] padded by one pixel -> 2x2 blocks [B, H/2 + 1, W/2 + 1, 4C] ((r, s, c) order)."""
   b, h, w, c = x.shape
   x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return x.reshape(b, h // 2 + 1, 2, w // 2 + 1, 2, c)
+  x = x.reshape(b, h // 2 + 1, 2, w // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // 2 + 1, w // 2 + 1, 4 * c)
+
+
+def _depth_to_space(x: jax.Array) -> jax.Array:
+  """Inverse of ``_space_to_depth``: [B, h + 1, w + 1, 4C] -> [B, 2h, 2w, C] without the border."""
+  b, hb, wb, c4 = x.shape
+  c = c4 // 4
+  x = x.reshape(b, hb, wb, 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * hb, 2 * wb, c)
+  return x[:, 1:-1, 1:-1]
+
+
+def _block_kernel(kernel: jax.Array) -> jax.Array:
+  """[4, 4, C, O] -> [2(di), 2(dj), 4C ((r, s, c)), O], kernel row 2di + r, column 2dj + s."""
+  c, o = kernel.shape[2:]
+  return kernel.reshape(2, 2, 2, 2, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, o)
 
 
 def conv_down(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """torch Conv2d(k=4, s=2, p=1) = nn.Conv(padding=1), as one dot over patches.
+  """torch Conv2d(k=4, s=2, p=1) = nn.Conv(padding=1), as four dots over 2x2 blocks.
 
-  Output pixel (i, j) sees padded rows 2i..2i+3, i.e. 2x2 blocks (i, i+1) of
-  the padded image, so the patches are four shifted views of the blocks.
+  Output pixel (i, j) sees padded rows 2i..2i+3 and columns 2j..2j+3: the
+  2x2 blocks (i + di, j + dj) for di, dj in {0, 1}, each times one quarter of
+  the kernel.
 
   Args:
     x: [B, H, W, C], H and W even.
@@ -72,23 +90,21 @@ def conv_down(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   Returns:
     [B, H/2, W/2, O].
   """
-  b, h, w, c = x.shape
-  blocks = _blocks(x)
-  rows = [jnp.stack([blocks[:, di:di + h // 2, :, dj:dj + w // 2] for dj in (0, 1)], axis=4)
-          for di in (0, 1)]
-  # [B, H/2, 2(r), W/2, 2(dj), 2(s), C] x2(di) -> [B, H/2, W/2, di, r, dj, s, C]
-  patches = jnp.stack(rows, axis=2).transpose(0, 1, 4, 2, 3, 5, 6, 7)
-  patches = patches.reshape(b, h // 2, w // 2, 16 * c)
-  return patches @ kernel.reshape(16 * c, -1) + bias
+  _, h, w, _ = x.shape
+  blocks, k = _space_to_depth(x), _block_kernel(kernel)
+  out = bias
+  for di in (0, 1):
+    for dj in (0, 1):
+      out = out + blocks[:, di:di + h // 2, dj:dj + w // 2] @ k[di, dj]
+  return out
 
 
 def conv_up(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   """torch ConvTranspose2d(k=4, s=2, p=1) as flax's ConvTranspose (padding 2), as dots.
 
-  Output row 2i + a gets kernel rows a and a + 2 against input rows
-  i - 1 + a and i + a: each of the four output phases (a, b) is a 2x2
-  window of the input padded by one, times a quarter of the kernel. The four
-  phases run as one batched dot and are interleaved into the output.
+  The exact transpose of ``conv_down`` with the spatially flipped kernel:
+  input pixel (i, j) times each quarter (di, dj) of the kernel gives a 2x2
+  output block, written at block (i + di, j + dj) of the padded output.
 
   Args:
     x: [B, H, W, C].
@@ -98,19 +114,14 @@ def conv_up(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   Returns:
     [B, 2H, 2W, O].
   """
-  b, h, w, c = x.shape
-  o = kernel.shape[-1]
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  windows = []
-  for a in (0, 1):
-    for bb in (0, 1):
-      taps = [xp[:, a + u:a + u + h, bb + v:bb + v + w] for u in (0, 1) for v in (0, 1)]
-      windows.append(jnp.concatenate(taps, axis=-1).reshape(b * h * w, 4 * c))
-  # kernel rows (a, a + 2) and columns (b, b + 2) for phase (a, b): [2(a), 2(b), 4C, O]
-  k = kernel.reshape(2, 2, 2, 2, c, o).transpose(1, 3, 0, 2, 4, 5).reshape(4, 4 * c, o)
-  out = jnp.einsum('pnk,pko->pno', jnp.stack(windows), k) + bias
-  out = out.reshape(2, 2, b, h, w, o).transpose(2, 3, 0, 4, 1, 5)
-  return out.reshape(b, 2 * h, 2 * w, o)
+  b, h, w, _ = x.shape
+  # Quarter (di, dj) as [C, 4O]: kernel[3 - 2di - r, 3 - 2dj - s, c, o].
+  k = _block_kernel(kernel[::-1, ::-1].swapaxes(2, 3)).swapaxes(2, 3)
+  blocks = 0
+  for di in (0, 1):
+    for dj in (0, 1):
+      blocks = blocks + jnp.pad(x @ k[di, dj], ((0, 0), (di, 1 - di), (dj, 1 - dj), (0, 0)))
+  return _depth_to_space(blocks) + bias
 
 
 class _Conv(nn.Module):
