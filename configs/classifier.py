@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Variants: '' (ours), 'seed' (the study's), plus 'runlocal'."""
   args = common.parse_arg(arg, known=('seed', 'runlocal'))
   config = ml_collections.ConfigDict()
-  common.loop_config(config, batch_size=128, num_epochs=40)
+  common.loop_config(config, batch_size=128, num_epochs=40, steps_per_dispatch=8)
   config.log_every_steps = 100
 
   config.mode = 'probing'          # 'probing' (linear head) | 'fine_tune' (MLP head) | 'knn'

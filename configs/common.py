@@ -78,12 +78,19 @@ def optim_config(name: str, lr: float, schedule: str, **fields) -> ml_collection
   return optim
 
 
-def loop_config(config: ml_collections.ConfigDict, *, batch_size: int, num_epochs: int) -> None:
-  """Sets the fields of the training loop that every config has."""
+def loop_config(config: ml_collections.ConfigDict, *, batch_size: int, num_epochs: int,
+                steps_per_dispatch: int) -> None:
+  """Sets the fields of the training loop that every config has.
+
+  ``steps_per_dispatch`` train steps run in one jitted call (``lax.scan``):
+  short steps would otherwise wait on Python's dispatch, and every call of a
+  big step faults in its scratch memory afresh on the CPU; results do not
+  depend on it (``python -m mil_jax.bench`` shows the speed).
+  """
   config.seed = 0
   config.batch_size = batch_size            # global batch, split over all devices
   config.num_epochs = num_epochs
-  config.steps_per_dispatch = 1             # train steps per jitted call (lax.scan)
+  config.steps_per_dispatch = steps_per_dispatch  # train steps per jitted call (lax.scan)
   config.log_every_steps = 50
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 1000      # also at the end of every epoch

@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   filters = args.filters or (8 if args['256'] else 6)
 
   config = ml_collections.ConfigDict()
-  common.loop_config(config, batch_size=32, num_epochs=100)
+  common.loop_config(config, batch_size=32, num_epochs=100, steps_per_dispatch=16)
   config.loss = 'l2'
   config.data = common.data_config()
 

@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError("choose one of the variants 'l1' and 'l2', not both")
 
   config = ml_collections.ConfigDict()
-  common.loop_config(config, batch_size=128, num_epochs=100)
+  common.loop_config(config, batch_size=128, num_epochs=100, steps_per_dispatch=8)
   config.loss = 'l1' if args.l1 else 'l2'
   config.data = common.data_config()
 

@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError("choose one of the variants 'seed', 'notebook' and 'fast'")
 
   config = ml_collections.ConfigDict()
-  common.loop_config(config, batch_size=128, num_epochs=2000)
+  common.loop_config(config, batch_size=128, num_epochs=2000, steps_per_dispatch=8)
   config.loss = 'masked_l2'
   config.data = common.data_config()
 

@@ -68,14 +68,8 @@ ROWS = (
     ('mae', 'MAE', 'mae:seed', (None, .151, .082, .219, .088)),
 )
 
-# Train steps per jitted call: the FC and Conv steps are short enough that
-# Python dispatch would dominate (see mil_jax.bench); results are unchanged.
-STEPS_PER_DISPATCH = {'fc': 8, 'conv': 16, 'mae': 1}
-
-
 def _row(label: str, pretrain: str, reference: tuple[float | None, ...]
          ) -> ml_collections.ConfigDict:
-  kind = pretrain.split(':')[0]
   refs = {key: ref for (key, *_), ref in zip(COLUMNS, reference, strict=True) if ref is not None}
   return ml_collections.ConfigDict(dict(
       label=label,                 # the row's name in results.md and report.png
@@ -83,7 +77,7 @@ def _row(label: str, pretrain: str, reference: tuple[float | None, ...]
       num_epochs=0,                # pretraining epochs; 0 = the pretraining config's
       # Fields set in the pretraining config (not the model: the No pretrain
       # column rebuilds the encoder from `pretrain` alone).
-      overrides=ml_collections.ConfigDict(dict(steps_per_dispatch=STEPS_PER_DISPATCH[kind])),
+      overrides=ml_collections.ConfigDict(),
       reference=ml_collections.ConfigDict(refs),  # the study's top-1 per column key
   ))
 
@@ -134,8 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # images: it shows the row runs end to end, its numbers mean little.
     config.row.mae.pretrain = 'mae:fast,runlocal'
     config.row.mae.num_epochs = 2
-    config.row.mae.overrides.update(dict(batch_size=128, steps_per_dispatch=8,
-                                         log_every_steps=50))
+    config.row.mae.overrides.update(dict(batch_size=128, log_every_steps=50))
     config.row.mae.overrides.optim = ml_collections.ConfigDict(dict(warmup_epochs=0))
     # One epoch: no room for the default 2 warmup epochs.
     config.classifier_overrides.optim = ml_collections.ConfigDict(dict(warmup_epochs=0))

@@ -71,7 +71,8 @@ def test_unwritable_workdir(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   out = run_command([PRETRAIN, *TINY, '--config.optim.lr=1e12', '--config.checkpoint_every_steps=1',
-                     '--config.log_every_steps=1', f'--workdir={tmp_path}'])
+                     '--config.log_every_steps=1', '--config.steps_per_dispatch=1',
+                     f'--workdir={tmp_path}'])
   assert_one_sentence(out, 'the training loss became')
   step = int(out.stderr.split(' at step ')[1].split(';')[0])
   assert step >= 2
