@@ -2,9 +2,9 @@
 
 ``configure()`` sets process-wide flags and must run before the first jax call
 that touches a device (importing jax is fine: XLA reads ``XLA_FLAGS`` when the
-backend is created). Every command (``train_pretrain.py``,
-``train_classifier.py``, ``mil_jax.reproduce``, ``mil_jax.bench``) calls it
-first thing in ``main``. It only acts when the run will be on the CPU
+backend is created). ``cli.run`` calls it before the command's ``main``, so
+every command (``train_pretrain.py``, ``train_classifier.py``,
+``mil_jax.reproduce``, ``mil_jax.bench``) has it. It only acts when the run will be on the CPU
 (``JAX_PLATFORMS`` says cpu, or no GPU/TPU plugin is installed) and never
 overrides a flag the user set in ``XLA_FLAGS``.
 

@@ -108,7 +108,8 @@ class Trainer:
                                in_shardings=(repl, repl, repl), out_shardings=repl,
                                compiler_options=self.compiler_options)
     self.permutation = jax.jit(self._permutation, out_shardings=repl)
-    self.evaluate_fn = jax.jit(self._evaluate, out_shardings=repl, compiler_options=self.compiler_options)
+    self.evaluate_fn = jax.jit(self._evaluate, out_shardings=repl,
+                               compiler_options=self.compiler_options)
     idx, valid = ip.eval_indices(len(self.eval_data), cfg.batch_size)
     self._eval_idx, self._eval_valid = sharding.put_replicated((idx, valid), self.mesh)
 
