@@ -84,10 +84,10 @@ def test_dot_convs_equal_flax_convs(side, cin, cout):
       y = fn(x, params)
       return jnp.sum(y * jax.random.normal(keys[3], y.shape))  # A cotangent that is not 1.
 
-    def ours_fn(x, p):
+    def ours_fn(x, p, ours=ours):
       return ours(x, **p)
 
-    def theirs_fn(x, p):
+    def theirs_fn(x, p, theirs=theirs):
       return theirs.apply({'params': p}, x)
 
     np.testing.assert_allclose(ours_fn(x, params), theirs_fn(x, params), rtol=1e-5, atol=1e-4)
