@@ -78,10 +78,14 @@ def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], 
     raise UserError(f'{path} is a {meta.get("stage", "unknown")} checkpoint, not a pretraining '
                     'one; pass a train_pretrain.py workdir.')
   model_cfg = meta['config']['model']
+  if 'attention' in model_cfg:
+    # How attention is computed is not part of the architecture: a checkpoint
+    # pretrained with cuDNN attention on a GPU must load anywhere.
+    model_cfg = {**model_cfg, 'attention': 'auto'}
   if config.model_type:
     expected = json.loads(_type_config(config.model_type).to_json())
     diff = [f'{k} {model_cfg.get(k)!r} (not {v!r})' for k, v in expected.items()
-            if k != 'dtype' and model_cfg.get(k) != v]
+            if k not in ('dtype', 'attention') and model_cfg.get(k) != v]
     if diff:
       raise UserError(f'{path} holds a model with {", ".join(diff)}; drop --type or pass a '
                       f'checkpoint of a {config.model_type} model.')

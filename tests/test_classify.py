@@ -107,6 +107,18 @@ def test_from_scratch_needs_no_checkpoint(tmp_path):
   assert 0.0 <= final['eval/accuracy'] <= 1.0
 
 
+def test_attention_choice_of_the_pretraining_run_is_not_inherited(tmp_path):
+  """A MAE pretrained with a chosen attention form (e.g. cuDNN on a GPU) loads anywhere."""
+  from configs import mae as mae_config  # noqa: PLC0415
+  from mil_jax import pretrain  # noqa: PLC0415
+  config = mae_config.get_config('seed,runlocal,attention=xla')
+  config.num_epochs, config.data.fake_train_size, config.data.fake_test_size = 1, 64, 32
+  pretrain.train_and_evaluate(config, tmp_path / 'pretrain_mae')
+  model_cfg, params, _ = classify.resolve_encoder(clf_config(tmp_path / 'pretrain_mae'))
+  assert model_cfg['name'] == 'mae' and model_cfg['attention'] == 'auto'
+  assert set(params) >= {'cls_token', 'transformer'}
+
+
 def test_newest_run_is_the_default(tmp_path, pretrained):
   for name in ('older', 'newer'):
     shutil.copytree(pretrained, tmp_path / name)

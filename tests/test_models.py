@@ -348,6 +348,8 @@ def test_bfloat16_forward_keeps_float32_params(tiny, name):
     ({'num_heads': 3}, ['num_heads']),
     ({'dtype': 'float16'}, ['dtype']),
     ({'pool': 'max'}, ['pool']),
+    ({'attention': 'flash'}, ['attention', 'auto', 'xla', 'cudnn']),
+    ({'attention': 'cudnn'}, ['cudnn', 'bfloat16']),
 ])
 def test_bad_model_config_is_a_user_error(overrides, words):
   cfg = _tiny_mae()
@@ -357,6 +359,64 @@ def test_bad_model_config_is_a_user_error(overrides, words):
       build(cfg)
     for word in words:
       assert word in str(e.value)
+
+
+@pytest.mark.skipif(jax.default_backend() == 'gpu', reason='checks the refusal off the GPU')
+def test_cudnn_attention_off_the_gpu_is_a_user_error():
+  cfg = _tiny_mae(attention='cudnn', dtype='bfloat16')
+  with pytest.raises(UserError, match='NVIDIA GPU'):
+    models.build_autoencoder(cfg)
+  assert vit.resolve_attention('auto', jnp.bfloat16, 64) == 'xla'
+
+
+def test_auto_attention_picks_cudnn_only_where_it_runs(monkeypatch):
+  class Device:
+    compute_capability = '9.0'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(jax, 'devices', lambda *a: [Device()])
+  assert vit.resolve_attention('auto', jnp.bfloat16, 64) == 'cudnn'
+  assert vit.resolve_attention('xla', jnp.bfloat16, 64) == 'xla'
+  assert vit.resolve_attention('auto', jnp.float32, 64) == 'xla'      # cuDNN: half precision
+  assert vit.resolve_attention('auto', jnp.bfloat16, 12) == 'xla'     # head width 8k, <= 128
+  assert vit.resolve_attention('auto', jnp.bfloat16, 256) == 'xla'
+  Device.compute_capability = '7.5'                                    # a T4
+  assert vit.resolve_attention('auto', jnp.bfloat16, 64) == 'xla'
+  Device.compute_capability = 'gfx90a'                                 # not CUDA
+  assert vit.resolve_attention('auto', jnp.bfloat16, 64) == 'xla'
+
+
+def test_attention_variant_of_the_mae_config():
+  assert mae_config.get_config('seed').model.attention == 'auto'
+  assert mae_config.get_config('seed,attention=xla').model.attention == 'xla'
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention runs on NVIDIA GPUs')
+@pytest.mark.parametrize('length', [7, 8, 65])
+def test_fused_gpu_attention_matches_written_out_attention(length):
+  """cuDNN attention, padded to an even length when odd, equals ``vit.attention``.
+
+  At 7 tokens an unmasked padding key would move the output by about 1/8.
+  """
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 4, length, 3, 64), jnp.bfloat16)
+  cotangent = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
+
+  def heads_first(fn):
+    def out(q, k, v):  # [B, T, H, D] in and out
+      y = fn(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)))
+      return y.transpose(0, 2, 1, 3)
+    return out
+
+  def close(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b)
+
+  fused, fused_vjp = jax.vjp(vit._cudnn_attention, q, k, v)
+  plain, plain_vjp = jax.vjp(heads_first(vit.attention), q, k, v)
+  assert fused.shape == plain.shape == q.shape
+  assert close(fused, plain)
+  cotangent = cotangent.astype(q.dtype)
+  for a, b in zip(fused_vjp(cotangent), plain_vjp(cotangent)):
+    assert close(a, b)
 
 
 def test_unknown_model_field_is_a_user_error():

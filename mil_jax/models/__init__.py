@@ -14,10 +14,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mil_jax.errors import UserError
-from mil_jax.models import conv_ae, fc_ae, mae
+from mil_jax.models import conv_ae, fc_ae, mae, vit
 
 
 def _check_conv(cfg: Mapping[str, Any]) -> None:
@@ -49,6 +50,17 @@ def _check_mae(cfg: Mapping[str, Any]) -> None:
                     'divisible by 4.')
   if cfg['pool'] not in ('cls', 'mean'):
     raise UserError(f"mae pool must be 'cls' or 'mean', got {cfg['pool']!r}.")
+  if cfg['attention'] not in vit.ATTENTION_IMPLEMENTATIONS:
+    raise UserError(f"mae attention must be one of {', '.join(vit.ATTENTION_IMPLEMENTATIONS)}, "
+                    f"got {cfg['attention']!r}.")
+  if cfg['attention'] == 'cudnn':
+    for width, heads in (('width', 'num_heads'), ('decoder_width', 'decoder_num_heads')):
+      head_dim = cfg[width] // cfg[heads]
+      if not vit.cudnn_applies(cfg['dtype'], head_dim):
+        raise UserError(
+            f"mae attention 'cudnn' needs dtype bfloat16, an NVIDIA GPU (compute capability 8.0 "
+            f"or newer; this run is on {jax.default_backend()}) and a head width that is a "
+            f"multiple of 8 up to 128 ({width} / {heads} is {head_dim}); use attention 'auto'.")
 
 
 @dataclasses.dataclass(frozen=True)

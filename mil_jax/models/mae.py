@@ -144,6 +144,8 @@ class MAEEncoder(nn.Module):
     pos_embedding: 'learned' or 'sincos'.
     pool: features from the 'cls' token or the 'mean' of the patch tokens.
     dtype: compute dtype (params stay float32).
+    attention: how attention is computed ('auto' | 'xla' | 'cudnn', see
+      ``vit.ATTENTION_IMPLEMENTATIONS``).
   """
   image_size: int = 32
   patch_size: int = 2
@@ -154,13 +156,15 @@ class MAEEncoder(nn.Module):
   pos_embedding: str = 'learned'
   pool: str = 'cls'
   dtype: Dtype = jnp.float32
+  attention: str = 'auto'
 
   def setup(self):
     grid = self.image_size // self.patch_size
     self.patch_embed = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init)
     self.cls_token = self.param('cls_token', _token_init, (1, 1, self.width))
     self.pos_embed = _position_embedding(self, self.pos_embedding, grid, self.width)
-    self.transformer = vit.Transformer(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype)
+    self.transformer = vit.Transformer(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
+                                       attention=self.attention)
 
   def encode_visible(self, images: jax.Array, *, mask_ratio: float,
                      train: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -222,6 +226,7 @@ class MAEDecoder(nn.Module):
     pos_embedding: 'learned' or 'sincos' (the decoder has its own).
     channels: image channels to predict.
     dtype: compute dtype.
+    attention: how attention is computed ('auto' | 'xla' | 'cudnn').
   """
   image_size: int = 32
   patch_size: int = 2
@@ -232,6 +237,7 @@ class MAEDecoder(nn.Module):
   pos_embedding: str = 'learned'
   channels: int = 3
   dtype: Dtype = jnp.float32
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, tokens: jax.Array, ids_restore: jax.Array, *, train: bool) -> jax.Array:
@@ -255,7 +261,7 @@ class MAEDecoder(nn.Module):
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     x = x + _position_embedding(self, self.pos_embedding, grid, self.width).astype(self.dtype)
     x = vit.Transformer(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
-                        name='transformer')(x, train=train)
+                        attention=self.attention, name='transformer')(x, train=train)
     pred = nn.Dense(self.patch_size ** 2 * self.channels, dtype=self.dtype,
                     kernel_init=_dense_init, name='pred')(x[:, 1:])
     return pred
@@ -270,6 +276,7 @@ class MAE(nn.Module):
     norm_pix_loss: the decoder predicts per-patch normalized pixels; the
       reconstruction is mapped back to pixels with the input patches' stats.
     dtype: compute dtype.
+    attention: how attention is computed ('auto' | 'xla' | 'cudnn').
   """
   image_size: int = 32
   patch_size: int = 2
@@ -286,16 +293,19 @@ class MAE(nn.Module):
   pos_embedding: str = 'learned'
   pool: str = 'cls'
   dtype: Dtype = jnp.float32
+  attention: str = 'auto'
 
   def setup(self):
     self.encoder = MAEEncoder(
         image_size=self.image_size, patch_size=self.patch_size, width=self.width,
         depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        pos_embedding=self.pos_embedding, pool=self.pool, dtype=self.dtype)
+        pos_embedding=self.pos_embedding, pool=self.pool, dtype=self.dtype,
+        attention=self.attention)
     self.decoder = MAEDecoder(
         image_size=self.image_size, patch_size=self.patch_size, width=self.decoder_width,
         depth=self.decoder_depth, num_heads=self.decoder_num_heads,
-        mlp_dim=self.decoder_mlp_dim, pos_embedding=self.pos_embedding, dtype=self.dtype)
+        mlp_dim=self.decoder_mlp_dim, pos_embedding=self.pos_embedding, dtype=self.dtype,
+        attention=self.attention)
 
   def __call__(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masks, encodes the visible patches and predicts all of them.

@@ -31,6 +31,38 @@ _dense_init = nn.initializers.xavier_uniform()
 CPU_ATTENTION_CHUNK_BYTES = 2 << 20
 
 
+# How attention is computed (the ``attention`` field of the MAE config):
+#   'xla': written out below, two batched matmuls and a float32 softmax that
+#     XLA fuses, on every backend;
+#   'cudnn': jax.nn.dot_product_attention's cuDNN kernel, fused so that the
+#     [T, T] weights never reach memory; NVIDIA GPUs, bfloat16 only;
+#   'auto' (the default): 'cudnn' where it applies (``cudnn_applies``), else
+#     'xla'. On an H100 it made the MAE (seed, bfloat16, batch 4096) train at
+#     37,400 images/s instead of 30,300 (README, Performance).
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+
+
+def cudnn_applies(dtype: Dtype, head_dim: int) -> bool:
+  """Whether cuDNN's flash attention runs here: bfloat16, an NVIDIA GPU of
+  compute capability 8.0 or newer (A100, H100, ...), a head width that is a
+  multiple of 8 up to 128."""
+  if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or head_dim % 8 or head_dim > 128:
+    return False
+  if jax.default_backend() != 'gpu':
+    return False
+  try:
+    return float(getattr(jax.devices()[0], 'compute_capability', '')) >= 8.0
+  except ValueError:  # not a CUDA device (e.g. ROCm's 'gfx90a')
+    return False
+
+
+def resolve_attention(implementation: str, dtype: Dtype, head_dim: int) -> str:
+  """The implementation that ``implementation`` means here ('xla' or 'cudnn')."""
+  if implementation != 'auto':
+    return implementation
+  return 'cudnn' if cudnn_applies(dtype, head_dim) else 'xla'
+
+
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum('bhtd,bhsd->bhts', q * jnp.asarray(scale, q.dtype), k)
@@ -44,6 +76,24 @@ def attention_chunk(batch: int, heads: int, length: int) -> int:
     return batch
   fit = max(1, CPU_ATTENTION_CHUNK_BYTES // (4 * heads * length * length))
   return max(c for c in range(1, min(fit, batch) + 1) if batch % c == 0)
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """cuDNN's fused attention over [B, T, H, D/H] (the projection's own layout).
+
+  Its training kernels take only even lengths, and a cls token makes every
+  length here odd (65, 257): one padding token is appended and masked out as
+  a key through the sequence lengths, and its output row dropped.
+  """
+  batch, length = q.shape[:2]
+  if length % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+  pad = [(0, 0), (0, 1), (0, 0), (0, 0)]
+  lengths = jnp.full((batch,), length, jnp.int32)
+  out = jax.nn.dot_product_attention(
+      jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad), implementation='cudnn',
+      query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+  return out[:, :length]
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int | None = None
@@ -75,9 +125,11 @@ class MultiHeadAttention(nn.Module):
   Attributes:
     num_heads: number of heads; must divide the input width.
     dtype: compute dtype (params stay float32).
+    implementation: 'auto' | 'xla' | 'cudnn' (``ATTENTION_IMPLEMENTATIONS``).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
+  implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -96,12 +148,17 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'width {width} is not divisible by {self.num_heads} heads')
     head_dim = width // self.num_heads
     qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=_dense_init, name='qkv')(x)
+    qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
+    if resolve_attention(self.implementation, self.dtype, head_dim) == 'cudnn':
+      out = _cudnn_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+      return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init,
+                      name='out')(out.reshape(batch, length, width))
     # Heads before tokens ([3, B, H, T, D/H]) so both attention products are
     # plain batched matmuls with the batch dimensions leading: the layout
     # jax.nn.dot_product_attention's XLA path uses ([B, T, H, D/H], under a
     # vmap) made XLA:CPU emit transposed dots and a slow softmax backward
     # that took most of the MAE's step time.
-    qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    qkv = qkv.transpose(2, 0, 3, 1, 4)
     out = attention(qkv[0], qkv[1], qkv[2])
     out = out.transpose(0, 2, 1, 3).reshape(batch, length, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init, name='out')(out)
@@ -135,16 +192,19 @@ class EncoderBlock(nn.Module):
     num_heads: attention heads.
     mlp_dim: hidden width of the MLP.
     dtype: compute dtype.
+    attention: how attention is computed ('auto' | 'xla' | 'cudnn').
   """
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """[B, T, D] -> [B, T, D]."""
     y = nn.LayerNorm(dtype=self.dtype, name='norm_1')(x)
-    x = x + MultiHeadAttention(self.num_heads, dtype=self.dtype, name='attn')(y, train=train)
+    x = x + MultiHeadAttention(self.num_heads, dtype=self.dtype, implementation=self.attention,
+                               name='attn')(y, train=train)
     y = nn.LayerNorm(dtype=self.dtype, name='norm_2')(x)
     return x + MlpBlock(self.mlp_dim, dtype=self.dtype, name='mlp')(y, train=train)
 
@@ -157,17 +217,19 @@ class Transformer(nn.Module):
     num_heads: attention heads per block.
     mlp_dim: hidden width of each block's MLP.
     dtype: compute dtype.
+    attention: how attention is computed ('auto' | 'xla' | 'cudnn').
   """
   depth: int
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """[B, T, D] -> [B, T, D], normalized."""
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype,
+      x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype, attention=self.attention,
                        name=f'block_{i}')(x, train=train)
     return nn.LayerNorm(dtype=self.dtype, name='norm')(x)
 
