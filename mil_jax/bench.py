@@ -3,9 +3,11 @@ r"""Speed of the real training steps: ``python -m mil_jax.bench``.
   python -m mil_jax.bench --model conv:192 --batch 32
   python -m mil_jax.bench --model mae:seed --batch 128 --dtype bfloat16
   python -m mil_jax.bench --model conv:256 --stage probe
+  python -m mil_jax.bench --model fc --model conv:192 --batch 128,1024 --epoch
   python -m mil_jax.bench --all          # the reference set, one JSON line each
 
-Each configuration prints one JSON line. The timed program is the project's
+Each configuration (every ``--model`` with every ``--batch``) prints one JSON
+line. The timed program is the project's
 own: ``Trainer.train_chunk`` built from ``pretrain.make_task`` (``--stage
 pretrain``), or a classifier over the encoder (``finetune``: encoder + MLP
 head trained end to end on images; ``probe``: a linear head trained on
@@ -15,13 +17,22 @@ device once. A timed step is everything a run does: batch gather, augment
 
 Fields: ``images_per_s`` (median of ``--windows`` timed windows, each ended by
 ``block_until_ready``), ``step_ms``, ``compile_s`` (lower + compile of the
-``K``-step program), ``params``, ``flops_per_image`` (XLA's cost analysis of
-one step), ``flops_per_s``, ``peak_memory_bytes`` (``None`` where the backend
-keeps no statistics, as on CPU), ``backend``, ``device_kind``.
+``K``-step program), ``params``, ``flops_per_image`` (the matrix-multiply
+FLOPs of one step, counted on its jaxpr: ``step_flops``), ``flops_per_s``,
+``peak_memory_bytes`` (``None`` where the backend keeps no statistics, as on
+CPU), ``mfu`` (``flops_per_s`` over the chip's
+dense bfloat16 peak from its datasheet, ``PEAK_BF16_FLOPS``; ``None`` for a
+chip not in that table), ``backend``, ``device_kind``. With ``--epoch``, also
+``epoch_s``: the median over ``--windows`` of the wall time of one whole
+epoch of a 50,000-image split (CIFAR's training set), run as the trainer runs
+it (the epoch's permutation, then its steps ``K`` at a time, the last call
+taking the remainder); evaluation and checkpoints, which a run adds once per
+epoch, are not in it.
 """
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from typing import Any
@@ -48,10 +59,19 @@ REFERENCE_SET = (('fc', 128, 'pretrain'), ('conv:192', 32, 'pretrain'),
                  ('mae:seed', 128, 'pretrain'), ('conv:256', 128, 'probe'))
 # Hidden width of the fine-tuning MLP head, as the reference (SEED.md).
 FINETUNE_HIDDEN = {'fc': 192, 'conv': 150, 'mae': 150}
+# Images in one epoch of ``--epoch``: CIFAR's training split.
+EPOCH_IMAGES = 50_000
+# Dense bfloat16 FLOP/s by device kind (vendor datasheets), for ``mfu``;
+# the first key found in ``device_kind`` wins.
+PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12,
+                   'L4': 121e12, 'TPU v6 lite': 918e12, 'TPU v5 lite': 197e12,
+                   'TPU v5': 459e12, 'TPU v4': 275e12}
 
-_MODEL = flags.DEFINE_string('model', 'conv:192', 'fc|conv|mae, optionally :variant '
-                             '(the config variant, e.g. conv:256, mae:seed,runlocal).')
-_BATCH = flags.DEFINE_integer('batch', 0, 'Global batch size (0: the config\'s).')
+_MODEL = flags.DEFINE_multi_string(
+    'model', ['conv:192'], 'fc|conv|mae, optionally :variant (the config variant, e.g. conv:256, '
+    'mae:seed,runlocal); repeat the flag for several.')
+_BATCH = flags.DEFINE_list('batch', ['0'], 'Global batch size(s), comma-separated '
+                           '(0: the config\'s).')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _K = flags.DEFINE_integer('steps_per_dispatch', 0,
                           'Train steps per jitted call (0: the config\'s, as training runs).')
@@ -59,6 +79,8 @@ _STAGE = flags.DEFINE_enum('stage', 'pretrain', list(STAGES), 'Which training st
 _ALL = flags.DEFINE_bool('all', False, 'Run the reference set (ignores --model/--batch/--stage).')
 _SECONDS = flags.DEFINE_float('seconds', 3.0, 'Approximate length of one timed window.')
 _WINDOWS = flags.DEFINE_integer('windows', 3, 'Timed windows; the median is reported.')
+_EPOCH = flags.DEFINE_bool('epoch', False, f'Also time whole epochs of {EPOCH_IMAGES:,} images '
+                           '(the epoch_s field).')
 
 
 class _LinearHead(nn.Module):
@@ -87,8 +109,8 @@ class _Classifier(nn.Module):
     return nn.Dense(self.num_classes, name='head')(h)
 
 
-def load_config(spec: str, batch: int, dtype: str, steps_per_dispatch: int
-                ) -> ml_collections.ConfigDict:
+def load_config(spec: str, batch: int, dtype: str, steps_per_dispatch: int,
+                train_size: int = 0) -> ml_collections.ConfigDict:
   """The pretraining config named by ``'name[:variant]'``, set up for timing."""
   try:
     config = configs.pretraining_config(spec)
@@ -101,7 +123,7 @@ def load_config(spec: str, batch: int, dtype: str, steps_per_dispatch: int
   config.data.fake_num_classes = NUM_CLASSES
   # Enough examples for a few epochs of distinct batches; the step cost does
   # not depend on the split's size (one gather of B rows).
-  config.data.fake_train_size = max(2048, 8 * config.batch_size)
+  config.data.fake_train_size = train_size or max(2048, 8 * config.batch_size)
   config.data.fake_test_size = config.batch_size
   return config
 
@@ -182,18 +204,91 @@ def build(config: ml_collections.ConfigDict, stage: str
   return loop, loop.init_state(params), count
 
 
-def _flops(compiled: Any) -> float | None:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older jax: one dict per device program.
-    cost = cost[0] if cost else None
-  return float(cost['flops']) if cost and 'flops' in cost else None
+def _attention_flops(eqn: Any) -> float:
+  """cuDNN fused attention: 2 matmuls of [T, H] x [H, S] per head forward, 4 backward."""
+  q, k = eqn.invars[0].aval, eqn.invars[1].aval
+  keys = k.shape[2] if eqn.params.get('layout') == 1 else k.shape[1]  # BNTH else BTNH
+  per_matmul = 2.0 * math.prod(q.shape) * keys
+  return (4 if 'bwd' in eqn.primitive.name else 2) * per_matmul
+
+
+def _jaxpr_flops(jaxpr: Any) -> float:
+  """Matrix-multiply FLOPs of a jaxpr, sub-jaxprs included (a scan's times its length)."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      lhs = eqn.invars[0].aval
+      (contract, _), _ = eqn.params['dimension_numbers']
+      depth = math.prod(lhs.shape[d] for d in contract)
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * depth
+    elif name == 'conv_general_dilated':
+      rhs = eqn.invars[1].aval
+      spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, *spatial)
+      per_output = math.prod(rhs.shape[d] for d in spec[1:])
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+    elif name.startswith('dot_product_attention_'):
+      total += _attention_flops(eqn)
+    subs = [j for v in eqn.params.values() for j in (v if isinstance(v, (list, tuple)) else [v])
+            if hasattr(j, 'eqns') or hasattr(getattr(j, 'jaxpr', None), 'eqns')]
+    counts = [_jaxpr_flops(getattr(j, 'jaxpr', j) if not hasattr(j, 'eqns') else j)
+              for j in subs]
+    if counts:  # a cond runs one branch: count the costliest
+      inner = max(counts) if name == 'cond' else sum(counts)
+      total += inner * (eqn.params['length'] if name == 'scan' else 1)
+  return total
+
+
+def step_flops(loop: trainer.Trainer, state: trainer.TrainState, perm: jax.Array) -> float:
+  """Matrix-multiply FLOPs of one train step (forward, backward and update).
+
+  Counted on the step's jaxpr rather than by XLA's cost analysis, which is
+  not available before compilation on every backend and, after it, misses
+  the dots that GPU backends hand to cuBLAS. Elementwise work is not counted,
+  as usual for model FLOPs utilization.
+  """
+  jaxpr = jax.make_jaxpr(loop.train_step)(state, loop.train_data, perm)
+  return _jaxpr_flops(jaxpr.jaxpr)
+
+
+def _peak_flops(device_kind: str) -> float | None:
+  return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_kind), None)
+
+
+def _time_epochs(loop: trainer.Trainer, compiled: Any, state: trainer.TrainState,
+                 windows: int) -> tuple[list[float], trainer.TrainState]:
+  """Wall seconds of ``windows`` whole epochs after one warm-up epoch, as ``fit`` runs them."""
+  data, k = loop.train_data, loop.config.steps_per_dispatch
+  full, rest = divmod(loop.steps_per_epoch, k)
+  perm = loop.permutation(state.step)
+  tail = loop.train_chunk.lower(state, data, perm, rest).compile() if rest else None
+
+  def epoch(state):
+    perm = loop.permutation(state.step)
+    for _ in range(full):
+      state, metrics = compiled(state, data, perm)
+    if tail is not None:
+      state, metrics = tail(state, data, perm)
+    return jax.block_until_ready((state, metrics))[0]
+
+  state = epoch(state)
+  times = []
+  for _ in range(windows):
+    t0 = time.perf_counter()
+    state = epoch(state)
+    times.append(time.perf_counter() - t0)
+  return times, state
 
 
 def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'float32',
-              steps_per_dispatch: int = 0, seconds: float = 3.0, windows: int = 3
-              ) -> dict[str, Any]:
-  """Times one configuration; returns the JSON record (see the module docstring)."""
-  config = load_config(spec, batch, dtype, steps_per_dispatch)
+              steps_per_dispatch: int = 0, seconds: float = 3.0, windows: int = 3,
+              epoch_images: int = 0) -> dict[str, Any]:
+  """Times one configuration; returns the JSON record (see the module docstring).
+
+  ``epoch_images`` > 0 also times whole epochs of a split of that size
+  (``epoch_s``); the step timing is the same either way.
+  """
+  config = load_config(spec, batch, dtype, steps_per_dispatch, train_size=epoch_images)
   k = config.steps_per_dispatch
   loop, state, num_params = build(config, stage)
   data, perm = loop.train_data, loop.permutation(state.step)
@@ -201,10 +296,8 @@ def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'f
   t0 = time.perf_counter()
   compiled = loop.train_chunk.lower(state, data, perm, k).compile()
   compile_s = time.perf_counter() - t0
-  # The cost of one step: a K-step scan is one while loop, whose body XLA's
-  # cost analysis counts once, so K=1 is lowered separately when needed.
-  one = compiled if k == 1 else loop.train_chunk.lower(state, data, perm, 1).compile()
-  flops_per_image = (_flops(one) or 0.0) / config.batch_size or None
+  flops = step_flops(loop, state, perm)
+  flops_per_image = (flops or 0.0) / config.batch_size or None
 
   # Warm-up: the first calls fault in fresh memory and fill caches.
   calls = 0
@@ -227,8 +320,11 @@ def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'f
     raise RuntimeError(f'{spec} {stage}: the loss became {loss} while timing')
 
   images_per_s = statistics.median(rates)
+  epoch_times = _time_epochs(loop, compiled, state, windows)[0] if epoch_images else None
   device = jax.devices()[0]
   stats = device.memory_stats()
+  flops_per_s = flops_per_image * images_per_s if flops_per_image else None
+  peak = _peak_flops(device.device_kind)
   return {
       'model': spec, 'stage': stage, 'batch': config.batch_size, 'dtype': dtype,
       'steps_per_dispatch': k,
@@ -238,8 +334,12 @@ def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'f
       'compile_s': round(compile_s, 2),
       'params': num_params,
       'flops_per_image': flops_per_image,
-      'flops_per_s': flops_per_image * images_per_s if flops_per_image else None,
+      'flops_per_s': flops_per_s,
+      'mfu': round(flops_per_s / peak, 4) if flops_per_s and peak else None,
       'peak_memory_bytes': stats.get('peak_bytes_in_use') if stats else None,
+      **({'epoch_images': len(loop.train_data) // config.batch_size * config.batch_size,
+          'epoch_s': round(statistics.median(epoch_times), 4),
+          'epoch_s_windows': [round(t, 4) for t in epoch_times]} if epoch_times else {}),
       'backend': jax.default_backend(),
       'device_kind': device.device_kind,
       'num_devices': jax.device_count(),
@@ -251,10 +351,16 @@ def main(argv: list[str]) -> None:
   if _ALL.value:
     runs = [(m, b, s, 0) for m, b, s in REFERENCE_SET]
   else:
-    runs = [(_MODEL.value, _BATCH.value, _STAGE.value, _K.value)]
+    try:
+      batches = [int(b) for b in _BATCH.value]
+    except ValueError:
+      raise UserError(f'--batch takes whole numbers separated by commas, got '
+                      f'{",".join(_BATCH.value)!r}.') from None
+    runs = [(m, b, _STAGE.value, _K.value) for m in _MODEL.value for b in batches]
   for spec, batch, stage, k in runs:
     record = bench_one(spec, batch, stage=stage, dtype=_DTYPE.value, steps_per_dispatch=k,
-                       seconds=_SECONDS.value, windows=_WINDOWS.value)
+                       seconds=_SECONDS.value, windows=_WINDOWS.value,
+                       epoch_images=EPOCH_IMAGES if _EPOCH.value else 0)
     print(json.dumps(record), flush=True)
 
 

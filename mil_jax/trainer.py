@@ -126,8 +126,9 @@ class Trainer:
     return ip.epoch_permutation(self.config.seed, step // self.steps_per_epoch,
                                 len(self.train_data))
 
-  def _train_step(self, state: TrainState, data: ip.DeviceSplit, perm: jax.Array
-                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+  def train_step(self, state: TrainState, data: ip.DeviceSplit, perm: jax.Array
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One train step of the epoch permutation ``perm`` (pure; ``train_chunk`` jits K of them)."""
     step_in_epoch = state.step % self.steps_per_epoch
     images, labels = ip.train_batch(data, perm, step_in_epoch, self.config.batch_size)
     images = jax.lax.with_sharding_constraint(images, self._batch_sharding)
@@ -146,9 +147,9 @@ class Trainer:
                    num_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
     """``num_steps`` train steps in one program; metrics stacked ``[num_steps]``."""
     if num_steps == 1:
-      state, metrics = self._train_step(state, data, perm)
+      state, metrics = self.train_step(state, data, perm)
       return state, jax.tree.map(lambda m: m[None], metrics)
-    return jax.lax.scan(lambda s, _: self._train_step(s, data, perm), state, None,
+    return jax.lax.scan(lambda s, _: self.train_step(s, data, perm), state, None,
                         length=num_steps)
 
   def _evaluate(self, params: Any, model_state: Any, data: ip.DeviceSplit, idx: jax.Array,

@@ -12,7 +12,7 @@ from mil_jax.models import conv_ae
 from .conftest import run_command
 
 FIELDS = ('model', 'stage', 'batch', 'dtype', 'steps_per_dispatch', 'images_per_s', 'step_ms',
-          'compile_s', 'params', 'flops_per_image', 'flops_per_s', 'peak_memory_bytes',
+          'compile_s', 'params', 'flops_per_image', 'flops_per_s', 'mfu', 'peak_memory_bytes',
           'backend', 'device_kind')
 
 
@@ -23,17 +23,26 @@ def check_record(record, model, stage, batch, k):
   assert record['images_per_s'] > 0 and record['step_ms'] > 0 and record['compile_s'] > 0
   assert record['params'] > 0 and record['flops_per_image'] > 0 and record['flops_per_s'] > 0
   assert record['backend'] == 'cpu' and record['device_kind']
+  assert record['mfu'] is None  # no datasheet peak for a CPU
   json.dumps(record)  # Every value is plain JSON.
 
 
-def test_command_prints_one_json_line():
-  result = run_command(['-m', 'mil_jax.bench', '--model', 'fc:runlocal', '--batch', '8',
+def test_command_prints_one_json_line_per_configuration():
+  result = run_command(['-m', 'mil_jax.bench', '--model', 'fc:runlocal', '--batch', '8,16',
                         '--steps_per_dispatch', '2', '--seconds', '0.02', '--windows', '1'],
                        timeout=120)
   assert result.returncode == 0, result.stderr
   lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
-  assert len(lines) == 1
+  assert len(lines) == 2
   check_record(json.loads(lines[0]), 'fc:runlocal', 'pretrain', 8, 2)
+  check_record(json.loads(lines[1]), 'fc:runlocal', 'pretrain', 16, 2)
+
+
+def test_command_rejects_a_bad_batch_list():
+  result = run_command(['-m', 'mil_jax.bench', '--model', 'fc:runlocal', '--batch', '8,x'],
+                       timeout=60)
+  assert result.returncode == 2
+  assert '--batch' in result.stderr and 'Traceback' not in result.stderr
 
 
 def test_command_rejects_unknown_model():
@@ -48,6 +57,49 @@ def test_command_rejects_unknown_model():
 def test_bench_one_every_model_and_stage(model, stage):
   record = bench.bench_one(model, 8, stage=stage, steps_per_dispatch=1, seconds=0.02, windows=1)
   check_record(record, model, stage, 8, 1)
+
+
+def test_epoch_timing_runs_whole_epochs():
+  # 5 steps of 8 per epoch at K=2: two 2-step calls and a 1-step one.
+  config = bench.load_config('fc:runlocal', 8, 'float32', 2, train_size=40)
+  loop, state, _ = bench.build(config, 'pretrain')
+  compiled = loop.train_chunk.lower(state, loop.train_data, loop.permutation(state.step),
+                                    2).compile()
+  times, state = bench._time_epochs(loop, compiled, state, windows=2)  # noqa: SLF001
+  assert len(times) == 2 and all(t > 0 for t in times)
+  assert int(state.step) == 3 * 5  # a warm-up epoch and two timed ones
+  record = bench.bench_one('fc:runlocal', 8, steps_per_dispatch=2, seconds=0.02, windows=1,
+                           epoch_images=40)
+  assert record['epoch_images'] == 40 and record['epoch_s'] > 0
+
+
+def _dot_flops(m, k, n):
+  return 2 * m * k * n
+
+
+def test_flop_count_of_dots_convs_scans_and_conds():
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
+  count = lambda f, *a: bench._jaxpr_flops(jax.make_jaxpr(f)(*a).jaxpr)  # noqa: SLF001, E731
+  assert count(jnp.dot, x, w) == _dot_flops(4, 8, 16)
+  batched = jnp.ones((3, 4, 8))
+  assert count(lambda a, b: jnp.einsum('btd,de->bte', a, b), batched, w) == 3 * _dot_flops(4, 8, 16)
+  scanned = lambda a, b: jax.lax.scan(lambda c, _: (c, c @ b), a, None, length=5)[1]  # noqa: E731
+  assert count(scanned, x, w) == 5 * _dot_flops(4, 8, 16)
+  # A cond runs one branch: the costlier one counts.
+  both = lambda p, a, b: jax.lax.cond(p, lambda: (a @ b) @ b.T, lambda: a)  # noqa: E731
+  assert count(both, True, x, w) == _dot_flops(4, 8, 16) + _dot_flops(4, 16, 8)
+  grad = jax.value_and_grad(lambda a, b: jnp.sum(a @ b), argnums=(0, 1))
+  assert count(grad, x, w) == 3 * _dot_flops(4, 8, 16)  # the product, dA and dB
+  images, kernel = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 5))  # HWIO
+  conv = lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), 'VALID',  # noqa: E731
+                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  assert count(conv, images, kernel) == 2 * (2 * 4 * 4 * 5) * (3 * 3 * 3)
+
+
+def test_peak_flops_table():
+  assert bench._peak_flops('NVIDIA H100 80GB HBM3') == 989e12  # noqa: SLF001
+  assert bench._peak_flops('NVIDIA H100 PCIe') == 756e12  # noqa: SLF001
+  assert bench._peak_flops('cpu') is None  # noqa: SLF001
 
 
 @pytest.mark.parametrize('model', ['conv:192,runlocal', 'mae:seed,runlocal'])
