@@ -7,13 +7,14 @@ r"""Speed of the real training steps: ``python -m mil_jax.bench``.
   python -m mil_jax.bench --all          # the reference set, one JSON line each
 
 Each configuration (every ``--model`` with every ``--batch``) prints one JSON
-line. The timed program is the project's
-own: ``Trainer.train_chunk`` built from ``pretrain.make_task`` (``--stage
-pretrain``), or a classifier over the encoder (``finetune``: encoder + MLP
-head trained end to end on images; ``probe``: a linear head trained on
-features cached once by the encoder), on ``fake`` uint8 images placed on the
-device once. A timed step is everything a run does: batch gather, augment
-(when the config asks), forward, backward and the optimizer update.
+line. The timed program is the project's own ``Trainer.train_chunk``: built
+from ``pretrain.make_task`` (``--stage pretrain``), or the classifier stage's
+(``classify.build_trainer`` with ``configs/classifier.py``'s defaults) over a
+fresh encoder: ``finetune``, the encoder and an MLP head trained together on
+images; ``probe``, a linear head on features the frozen encoder computed
+once. The data are ``fake`` uint8 images placed on the device once. A timed
+step is everything a run does: batch gather, augment (when the config asks),
+forward, backward and the optimizer update.
 
 Fields: ``images_per_s`` (median of ``--windows`` timed windows, each ended by
 ``block_until_ready``), ``step_ms``, ``compile_s`` (lower + compile of the
@@ -37,16 +38,14 @@ import statistics
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import flags
 
 import configs
-from mil_jax import cli, models, platform, pretrain, sharding, trainer
+from configs import classifier as classifier_configs
+from mil_jax import classify, cli, models, platform, pretrain, sharding, trainer
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import UserError
 from mil_jax.optim import make_optimizer
@@ -57,8 +56,6 @@ NUM_CLASSES = 100
 REFERENCE_SET = (('fc', 128, 'pretrain'), ('conv:192', 32, 'pretrain'),
                  ('conv:192', 128, 'pretrain'), ('conv:256', 32, 'pretrain'),
                  ('mae:seed', 128, 'pretrain'), ('conv:256', 128, 'probe'))
-# Hidden width of the fine-tuning MLP head, as the reference (SEED.md).
-FINETUNE_HIDDEN = {'fc': 192, 'conv': 150, 'mae': 150}
 # Images in one epoch of ``--epoch``: CIFAR's training split.
 EPOCH_IMAGES = 50_000
 # Dense bfloat16 FLOP/s by device kind (vendor datasheets), for ``mfu``;
@@ -83,32 +80,6 @@ _EPOCH = flags.DEFINE_bool('epoch', False, f'Also time whole epochs of {EPOCH_IM
                            '(the epoch_s field).')
 
 
-class _LinearHead(nn.Module):
-  """The frozen-probe classifier: one Dense over cached features."""
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, z: jax.Array, *, train: bool) -> jax.Array:
-    """[B, D] -> logits [B, num_classes]."""
-    del train
-    return nn.Dense(self.num_classes, name='head')(z)
-
-
-class _Classifier(nn.Module):
-  """Encoder + head, params ``{'encoder', 'head'}`` as the classifier stage's."""
-  encoder: nn.Module
-  hidden: int
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    """[B, 32, 32, 3] -> logits [B, num_classes]."""
-    z = self.encoder(x, train=train).astype(jnp.float32)
-    h = nn.Sequential([nn.Dense(self.hidden), nn.relu], name='head_hidden')(z)
-    h = nn.Dropout(0.2, deterministic=not train)(h)
-    return nn.Dense(self.num_classes, name='head')(h)
-
-
 def load_config(spec: str, batch: int, dtype: str, steps_per_dispatch: int,
                 train_size: int = 0) -> ml_collections.ConfigDict:
   """The pretraining config named by ``'name[:variant]'``, set up for timing."""
@@ -128,48 +99,31 @@ def load_config(spec: str, batch: int, dtype: str, steps_per_dispatch: int,
   return config
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels).mean()
+def classifier_config(config: ml_collections.ConfigDict, stage: str,
+                      steps_per_dispatch: int = 0) -> ml_collections.ConfigDict:
+  """The classifier stage's own config for ``stage``, on ``config``'s batch and data.
+
+  ``probe``: the linear head on a frozen encoder's cached features;
+  ``finetune``: the MLP head and the encoder trained together on images.
+  """
+  clf = classifier_configs.get_config()
+  clf.mode, clf.freeze = ('probing', True) if stage == 'probe' else ('fine_tune', False)
+  clf.batch_size = config.batch_size
+  clf.steps_per_dispatch = steps_per_dispatch or clf.steps_per_dispatch
+  for key in ('source', 'fake_train_size', 'fake_test_size', 'fake_num_classes'):
+    clf.data[key] = config.data[key]
+  return clf
 
 
-def _classifier_task(config, model: nn.Module, stage: str):
-  """Loss/eval functions of a classifier over images (finetune) or features (probe)."""
-
-  def loss_fn(params, model_state, inputs, labels, rngs):
-    x = inputs if stage == 'probe' else ip.prepare_batch(
-        rngs['augment'], inputs, augment_images=config.data.augment)
-    logits = model.apply({'params': params}, x, train=True, rngs={'dropout': rngs['dropout']})
-    return _cross_entropy(logits, labels), ({}, model_state)
-
-  def eval_fn(params, model_state, inputs, labels, rng):
-    del model_state, rng
-    x = inputs if stage == 'probe' else ip.to_float(inputs)
-    logits = model.apply({'params': params}, x, train=False)
-    return {'accuracy': (jnp.argmax(logits, -1) == labels).astype(jnp.float32)}
-
-  return loss_fn, eval_fn
-
-
-def cache_features(encoder: nn.Module, params: Any, data: ip.DeviceSplit,
-                   batch_size: int) -> ip.DeviceSplit:
-  """Runs a frozen encoder once over ``data``: features ``[N, D]`` float32 on device."""
-
-  @jax.jit
-  def run(params, images):
-    def one(_, imgs):
-      return None, encoder.apply({'params': params}, ip.to_float(imgs), train=False)
-    n = images.shape[0] // batch_size * batch_size
-    _, feats = jax.lax.scan(one, None, images[:n].reshape(-1, batch_size, *images.shape[1:]))
-    return feats.reshape(n, -1).astype(jnp.float32)
-
-  n = len(data) // batch_size * batch_size
-  return ip.DeviceSplit(run(params, data.images), data.labels[:n], data.num_classes)
-
-
-def build(config: ml_collections.ConfigDict, stage: str
+def build(config: ml_collections.ConfigDict, stage: str, steps_per_dispatch: int = 0
           ) -> tuple[trainer.Trainer, trainer.TrainState, int]:
-  """The trainer, its initial state and the parameter count for ``stage``."""
+  """The trainer, its initial state and the parameter count for ``stage``.
+
+  ``pretrain`` runs ``config`` itself; ``probe`` and ``finetune`` run the
+  classifier stage's program (``classify.build_trainer``) over a fresh
+  encoder of ``config.model``, with ``steps_per_dispatch`` (0: the classifier
+  config's).
+  """
   mesh = sharding.make_mesh()
   split = ip.load_split(config.data, config.data.train_split)
   data = ip.DeviceSplit.create(split, mesh)
@@ -177,31 +131,20 @@ def build(config: ml_collections.ConfigDict, stage: str
                              data.num_classes)
   if stage == 'pretrain':
     model = models.build_autoencoder(config.model)
-    params = pretrain.init_params(config, model, mesh)
+    params, model_state = pretrain.init_params(config, model, mesh), None
     loss_fn, eval_fn = pretrain.make_task(config, model)
+    spe = ip.steps_per_epoch(len(data), config.batch_size)
+    tx, schedule = make_optimizer(config.optim, params, steps_per_epoch=spe,
+                                  total_steps=spe * config.num_epochs)
+    loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
+                           schedule=schedule, train_data=data, eval_data=eval_data,
+                           compiler_options=platform.compiler_options(config.model.name))
   else:
-    encoder = models.build_encoder(config.model)
-    dummy = jnp.zeros((1, *ip.IMAGE_SHAPE), jnp.float32)
-    rngs = {'params': jax.random.key(config.seed)}
-    if stage == 'probe':
-      enc_params = jax.jit(lambda: encoder.init(rngs, dummy, train=False)['params'])()
-      data = cache_features(encoder, enc_params, data, config.batch_size)
-      eval_data = data
-      model = _LinearHead(NUM_CLASSES)
-      params = jax.jit(lambda: model.init(rngs, data.images[:1], train=False)['params'])()
-    else:
-      model = _Classifier(encoder, FINETUNE_HIDDEN[config.model.name], NUM_CLASSES)
-      params = jax.jit(lambda: model.init(rngs, dummy, train=False)['params'])()
-    params = jax.device_put(params, sharding.replicated(mesh))
-    loss_fn, eval_fn = _classifier_task(config, model, stage)
-  spe = ip.steps_per_epoch(len(data), config.batch_size)
-  tx, schedule = make_optimizer(config.optim, params, steps_per_epoch=spe,
-                                total_steps=spe * config.num_epochs)
-  loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
-                         schedule=schedule, train_data=data, eval_data=eval_data,
-                         compiler_options=platform.compiler_options(config.model.name))
+    loop, params, model_state = classify.build_trainer(
+        classifier_config(config, stage, steps_per_dispatch), config.model.to_dict(), None, data,
+        eval_data, mesh)
   count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-  return loop, loop.init_state(params), count
+  return loop, loop.init_state(params, model_state), count
 
 
 def _attention_flops(eqn: Any) -> float:
@@ -289,8 +232,8 @@ def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'f
   (``epoch_s``); the step timing is the same either way.
   """
   config = load_config(spec, batch, dtype, steps_per_dispatch, train_size=epoch_images)
-  k = config.steps_per_dispatch
-  loop, state, num_params = build(config, stage)
+  loop, state, num_params = build(config, stage, steps_per_dispatch)
+  k = loop.config.steps_per_dispatch
   data, perm = loop.train_data, loop.permutation(state.step)
 
   t0 = time.perf_counter()

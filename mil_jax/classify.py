@@ -221,6 +221,40 @@ def _init(clf: Classifier, config: ml_collections.ConfigDict, encoder_params: An
   return params, model_state
 
 
+def build_trainer(config: ml_collections.ConfigDict, model_cfg: dict[str, Any],
+                  encoder_params: Any, train_data: ip.DeviceSplit, eval_data: ip.DeviceSplit,
+                  mesh: jax.sharding.Mesh) -> tuple[trainer.Trainer, Any, Any]:
+  """The classifier stage's trainer, and its initial ``(params, model_state)``.
+
+  With a frozen encoder and ``cache_features`` the trainer's data are the
+  encoder's features of ``train_data`` and ``eval_data``, computed here once.
+  ``encoder_params`` None: a freshly initialized encoder.
+  """
+  num_classes = train_data.num_classes
+  clf = build_classifier(config, model_cfg, num_classes)
+  params, model_state = _init(clf, config, encoder_params, mesh)
+  cached = config.freeze and config.cache_features
+  if cached:
+    train_data = compute_features(clf, params, train_data, config.batch_size, mesh)
+    eval_data = compute_features(clf, params, eval_data, config.batch_size, mesh)
+  optim_cfg = ml_collections.ConfigDict(config.optim.to_dict())
+  if config.freeze and config.frozen_lr:
+    optim_cfg.lr = config.frozen_lr
+  spe = max(ip.steps_per_epoch(len(train_data), config.batch_size), 1)
+  try:
+    tx, schedule = make_optimizer(optim_cfg, params, steps_per_epoch=spe,
+                                  total_steps=spe * config.num_epochs,
+                                  freeze=FREEZE_RULES if config.freeze else ())
+  except ValueError as e:
+    raise UserError(f'cannot freeze the encoder: {e}.') from None
+  loss_fn, eval_fn = make_task(config, clf, num_classes, on_features=cached,
+                               augment=config.data.augment and not cached)
+  loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
+                         schedule=schedule, train_data=train_data, eval_data=eval_data,
+                         compiler_options=platform.compiler_options(model_cfg['name']))
+  return loop, params, model_state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
                        *, overwrite: bool = False) -> dict[str, float]:
   """Trains (or, for ``knn``, measures) a classifier and returns its final metrics.
@@ -248,33 +282,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   train_data = ip.DeviceSplit.create(train_split, mesh)
   eval_data = ip.DeviceSplit.create(eval_split, mesh)
-  num_classes = train_split.num_classes
-  clf = build_classifier(config, model_cfg, num_classes)
-  params, model_state = _init(clf, config, encoder_params, mesh)
-
-  cached = config.freeze and config.cache_features
-  if cached or config.mode == 'knn':
-    train_data = compute_features(clf, params, train_data, config.batch_size, mesh)
-    eval_data = compute_features(clf, params, eval_data, config.batch_size, mesh)
   if config.mode == 'knn':
-    return _knn(config, train_data, eval_data,
-                workdir_lib.prepare(workdir, config, overwrite=overwrite))
+    clf = build_classifier(config, model_cfg, train_data.num_classes)
+    params, _ = _init(clf, config, encoder_params, mesh)
+    train = compute_features(clf, params, train_data, config.batch_size, mesh)
+    test = compute_features(clf, params, eval_data, config.batch_size, mesh)
+    return _knn(config, train, test, workdir_lib.prepare(workdir, config, overwrite=overwrite))
 
-  optim_cfg = ml_collections.ConfigDict(config.optim.to_dict())
-  if config.freeze and config.frozen_lr:
-    optim_cfg.lr = config.frozen_lr
-  spe = max(ip.steps_per_epoch(len(train_data), config.batch_size), 1)
-  try:
-    tx, schedule = make_optimizer(optim_cfg, params, steps_per_epoch=spe,
-                                  total_steps=spe * config.num_epochs,
-                                  freeze=FREEZE_RULES if config.freeze else ())
-  except ValueError as e:
-    raise UserError(f'cannot freeze the encoder: {e}.') from None
-  loss_fn, eval_fn = make_task(config, clf, num_classes, on_features=cached,
-                               augment=config.data.augment and not cached)
-  loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
-                         schedule=schedule, train_data=train_data, eval_data=eval_data,
-                         compiler_options=platform.compiler_options(model_cfg['name']))
+  loop, params, model_state = build_trainer(config, model_cfg, encoder_params, train_data,
+                                            eval_data, mesh)
   state, final, workdir = loop.run(
       loop.init_state(params, model_state), workdir, overwrite=overwrite,
       meta={'stage': 'classify', 'config': config.to_dict(), 'encoder_model': model_cfg,
