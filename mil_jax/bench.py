@@ -48,7 +48,6 @@ from configs import classifier as classifier_configs
 from mil_jax import classify, cli, models, platform, pretrain, sharding, trainer
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import UserError
-from mil_jax.optim import make_optimizer
 
 STAGES = ('pretrain', 'probe', 'finetune')
 NUM_CLASSES = 100
@@ -119,10 +118,10 @@ def build(config: ml_collections.ConfigDict, stage: str, steps_per_dispatch: int
           ) -> tuple[trainer.Trainer, trainer.TrainState, int]:
   """The trainer, its initial state and the parameter count for ``stage``.
 
-  ``pretrain`` runs ``config`` itself; ``probe`` and ``finetune`` run the
-  classifier stage's program (``classify.build_trainer``) over a fresh
-  encoder of ``config.model``, with ``steps_per_dispatch`` (0: the classifier
-  config's).
+  ``pretrain`` runs ``config`` itself (``pretrain.build_trainer``); ``probe``
+  and ``finetune`` run the classifier stage's program
+  (``classify.build_trainer``) over a fresh encoder of ``config.model``, with
+  ``steps_per_dispatch`` (0: the classifier config's).
   """
   mesh = sharding.make_mesh()
   split = ip.load_split(config.data, config.data.train_split)
@@ -130,15 +129,9 @@ def build(config: ml_collections.ConfigDict, stage: str, steps_per_dispatch: int
   eval_data = ip.DeviceSplit(data.images[:config.batch_size], data.labels[:config.batch_size],
                              data.num_classes)
   if stage == 'pretrain':
-    model = models.build_autoencoder(config.model)
-    params, model_state = pretrain.init_params(config, model, mesh), None
-    loss_fn, eval_fn = pretrain.make_task(config, model)
-    spe = ip.steps_per_epoch(len(data), config.batch_size)
-    tx, schedule = make_optimizer(config.optim, params, steps_per_epoch=spe,
-                                  total_steps=spe * config.num_epochs)
-    loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
-                           schedule=schedule, train_data=data, eval_data=eval_data,
-                           compiler_options=platform.compiler_options(config.model.name))
+    loop, params = pretrain.build_trainer(config, models.build_autoencoder(config.model), data,
+                                          eval_data, mesh)
+    model_state = None
   else:
     loop, params, model_state = classify.build_trainer(
         classifier_config(config, stage, steps_per_dispatch), config.model.to_dict(), None, data,

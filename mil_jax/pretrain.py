@@ -102,6 +102,21 @@ def save_reconstructions(config: ml_collections.ConfigDict, model: nn.Module, pa
   report.plot_image_rows([(k, np.asarray(rows[k])) for k in order], path)
 
 
+def build_trainer(config: ml_collections.ConfigDict, model: nn.Module,
+                  train_data: ip.DeviceSplit, eval_data: ip.DeviceSplit,
+                  mesh: jax.sharding.Mesh) -> tuple[trainer.Trainer, Any]:
+  """The pretraining stage's trainer for ``model``, and its initial params."""
+  params = init_params(config, model, mesh)
+  spe = max(ip.steps_per_epoch(len(train_data), config.batch_size), 1)
+  tx, schedule = make_optimizer(config.optim, params, steps_per_epoch=spe,
+                                total_steps=spe * config.num_epochs)
+  loss_fn, eval_fn = make_task(config, model)
+  loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
+                         schedule=schedule, train_data=train_data, eval_data=eval_data,
+                         compiler_options=platform.compiler_options(config.model.name))
+  return loop, params
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        overwrite: bool = False) -> dict[str, float]:
   """Pretrains ``config.model`` and returns the final validation metrics.
@@ -126,14 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   train_data = ip.DeviceSplit.create(train_split, mesh)
   eval_data = ip.DeviceSplit.create(eval_split, mesh)
-  params = init_params(config, model, mesh)
-  spe = max(ip.steps_per_epoch(len(train_data), config.batch_size), 1)
-  tx, schedule = make_optimizer(config.optim, params, steps_per_epoch=spe,
-                                total_steps=spe * config.num_epochs)
-  loss_fn, eval_fn = make_task(config, model)
-  loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
-                         schedule=schedule, train_data=train_data, eval_data=eval_data,
-                         compiler_options=platform.compiler_options(config.model.name))
+  loop, params = build_trainer(config, model, train_data, eval_data, mesh)
   state, final, workdir = loop.run(
       loop.init_state(params), workdir, overwrite=overwrite,
       meta={'stage': 'pretrain', 'config': config.to_dict()})
