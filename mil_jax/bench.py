@@ -148,6 +148,14 @@ def _attention_flops(eqn: Any) -> float:
   return (4 if 'bwd' in eqn.primitive.name else 2) * per_matmul
 
 
+def _sub_jaxprs(eqn: Any) -> list[Any]:
+  """The jaxprs in an equation's params (a scan's body, a cond's branches, ...)."""
+  values = [x for v in eqn.params.values() for x in (v if isinstance(v, (list, tuple)) else [v])]
+  # A Jaxpr or a ClosedJaxpr has equations; anything else holding one, its ``jaxpr``.
+  found = [x if hasattr(x, 'eqns') else getattr(x, 'jaxpr', None) for x in values]
+  return [j for j in found if hasattr(j, 'eqns')]
+
+
 def _jaxpr_flops(jaxpr: Any) -> float:
   """Matrix-multiply FLOPs of a jaxpr, sub-jaxprs included (a scan's times its length)."""
   total = 0.0
@@ -165,10 +173,7 @@ def _jaxpr_flops(jaxpr: Any) -> float:
       total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
     elif name.startswith('dot_product_attention_'):
       total += _attention_flops(eqn)
-    subs = [j for v in eqn.params.values() for j in (v if isinstance(v, (list, tuple)) else [v])
-            if hasattr(j, 'eqns') or hasattr(getattr(j, 'jaxpr', None), 'eqns')]
-    counts = [_jaxpr_flops(getattr(j, 'jaxpr', j) if not hasattr(j, 'eqns') else j)
-              for j in subs]
+    counts = [_jaxpr_flops(sub) for sub in _sub_jaxprs(eqn)]
     if counts:  # a cond runs one branch: count the costliest
       inner = max(counts) if name == 'cond' else sum(counts)
       total += inner * (eqn.params['length'] if name == 'scan' else 1)
