@@ -150,18 +150,17 @@ class MultiHeadAttention(nn.Module):
     qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=_dense_init, name='qkv')(x)
     qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
     if resolve_attention(self.implementation, self.dtype, head_dim) == 'cudnn':
-      out = _cudnn_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-      return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init,
-                      name='out')(out.reshape(batch, length, width))
-    # Heads before tokens ([3, B, H, T, D/H]) so both attention products are
-    # plain batched matmuls with the batch dimensions leading: the layout
-    # jax.nn.dot_product_attention's XLA path uses ([B, T, H, D/H], under a
-    # vmap) made XLA:CPU emit transposed dots and a slow softmax backward
-    # that took most of the MAE's step time.
-    qkv = qkv.transpose(2, 0, 3, 1, 4)
-    out = attention(qkv[0], qkv[1], qkv[2])
-    out = out.transpose(0, 2, 1, 3).reshape(batch, length, width)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init, name='out')(out)
+      out = _cudnn_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # [B, T, H, D/H]
+    else:
+      # Heads before tokens ([3, B, H, T, D/H]) so both attention products are
+      # plain batched matmuls with the batch dimensions leading: the layout
+      # jax.nn.dot_product_attention's XLA path uses ([B, T, H, D/H], under a
+      # vmap) made XLA:CPU emit transposed dots and a slow softmax backward
+      # that took most of the MAE's step time.
+      qkv = qkv.transpose(2, 0, 3, 1, 4)
+      out = attention(qkv[0], qkv[1], qkv[2]).transpose(0, 2, 1, 3)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init,
+                    name='out')(out.reshape(batch, length, width))
 
 
 class MlpBlock(nn.Module):
