@@ -20,6 +20,7 @@ Metrics reach the host only at logging, checkpoint and epoch boundaries.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import pathlib
@@ -45,6 +46,9 @@ from mil_jax.errors import Interrupted, UserError
 from mil_jax.metric_writers import MetricWriter
 
 RNG_STREAMS = ('dropout', 'masking', 'augment')
+
+# Dispatched calls that may be unfinished at once (see ``InFlight``).
+MAX_CALLS_IN_FLIGHT = 2
 LossFn = Callable[[Any, Any, jax.Array, jax.Array, dict[str, jax.Array]],
                   tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
 EvalFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
@@ -52,6 +56,29 @@ EvalFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Arr
 
 class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
+
+
+class InFlight:
+  """Bounds how far the host runs ahead of the devices.
+
+  ``add`` takes the outputs of a dispatched call and waits until at most
+  ``limit`` calls are unfinished, so the host still queues the next call
+  while the devices run the current one. An unbounded queue (the host
+  dispatching a whole epoch of small calls ahead) deadlocked XLA:CPU's
+  in-process all-reduce between CPU devices within seconds; with two calls in
+  flight it ran through.
+  """
+
+  def __init__(self, limit: int = MAX_CALLS_IN_FLIGHT,
+               wait: Callable[[Any], Any] = jax.block_until_ready):
+    self.limit, self._wait = limit, wait
+    self._queue: collections.deque[Any] = collections.deque()
+
+  def add(self, outputs: Any) -> None:
+    """Records the outputs of one dispatched call; blocks on the oldest beyond ``limit``."""
+    self._queue.append(outputs)
+    while len(self._queue) > self.limit:
+      self._wait(self._queue.popleft())
 
 
 @flax.struct.dataclass
@@ -193,6 +220,7 @@ class Trainer:
     stop: list[int] = []
     old_handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
                     for s in (signal.SIGINT, signal.SIGTERM)}
+    in_flight = InFlight()
     try:
       while step < self.total_steps:
         epoch = step // spe
@@ -205,6 +233,7 @@ class Trainer:
         while step < (epoch + 1) * spe:
           k = min(k_max, (epoch + 1) * spe - step)
           state, metrics = self.train_chunk(state, self.train_data, perm, k)
+          in_flight.add(metrics)
           pending.append(metrics)
           step += k
           end_of_epoch = step == (epoch + 1) * spe
