@@ -21,9 +21,11 @@ Fields: ``images_per_s`` (median of ``--windows`` timed windows, each ended by
 ``K``-step program), ``params``, ``flops_per_image`` (the matrix-multiply
 FLOPs of one step, counted on its jaxpr: ``step_flops``), ``flops_per_s``,
 ``peak_memory_bytes`` (``None`` where the backend keeps no statistics, as on
-CPU), ``mfu`` (``flops_per_s`` over the chip's
-dense bfloat16 peak from its datasheet, ``PEAK_BF16_FLOPS``; ``None`` for a
-chip not in that table), ``backend``, ``device_kind``. With ``--epoch``, also
+CPU), ``mfu`` (``flops_per_s`` over the dense bfloat16 peak of the chips the
+step ran on, from their datasheet, ``PEAK_BF16_FLOPS``; ``None`` for a chip
+not in that table), ``backend``, ``device_kind``, ``num_devices`` (the
+step's mesh, ``sharding.training_mesh``), ``cpu_tuning`` (what
+``platform.configure`` added to ``XLA_FLAGS``). With ``--epoch``, also
 ``epoch_s``: the median over ``--windows`` of the wall time of one whole
 epoch of a 50,000-image split (CIFAR's training set), run as the trainer runs
 it (the epoch's permutation, then its steps ``K`` at a time, the last call
@@ -123,7 +125,9 @@ def build(config: ml_collections.ConfigDict, stage: str, steps_per_dispatch: int
   (``classify.build_trainer``) over a fresh encoder of ``config.model``, with
   ``steps_per_dispatch`` (0: the classifier config's).
   """
-  mesh = sharding.make_mesh()
+  clf = classifier_config(config, stage, steps_per_dispatch) if stage != 'pretrain' else None
+  name = config.model.name if clf is None else classify.mesh_model(clf, config.model.to_dict())
+  mesh = sharding.training_mesh(name, config.batch_size)
   split = ip.load_split(config.data, config.data.train_split)
   data = ip.DeviceSplit.create(split, mesh)
   eval_data = ip.DeviceSplit(data.images[:config.batch_size], data.labels[:config.batch_size],
@@ -133,9 +137,8 @@ def build(config: ml_collections.ConfigDict, stage: str, steps_per_dispatch: int
                                           eval_data, mesh)
     model_state = None
   else:
-    loop, params, model_state = classify.build_trainer(
-        classifier_config(config, stage, steps_per_dispatch), config.model.to_dict(), None, data,
-        eval_data, mesh)
+    loop, params, model_state = classify.build_trainer(clf, config.model.to_dict(), None, data,
+                                                       eval_data, mesh)
   count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   return loop, loop.init_state(params, model_state), count
 
@@ -205,9 +208,10 @@ def _time_epochs(loop: trainer.Trainer, compiled: Any, state: trainer.TrainState
   tail = loop.train_chunk.lower(state, data, perm, rest).compile() if rest else None
 
   def epoch(state):
-    perm = loop.permutation(state.step)
+    perm, in_flight = loop.permutation(state.step), trainer.InFlight()
     for _ in range(full):
       state, metrics = compiled(state, data, perm)
+      in_flight.add(metrics)
     if tail is not None:
       state, metrics = tail(state, data, perm)
     return jax.block_until_ready((state, metrics))[0]
@@ -251,9 +255,10 @@ def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'f
   calls_per_window = max(1, int(round(seconds / max(per_call, 1e-6))))
   rates = []
   for _ in range(windows):
-    t0 = time.perf_counter()
+    t0, in_flight = time.perf_counter(), trainer.InFlight()
     for _ in range(calls_per_window):
       state, metrics = compiled(state, data, perm)
+      in_flight.add(metrics)
     jax.block_until_ready((state, metrics))
     rates.append(calls_per_window * k * config.batch_size / (time.perf_counter() - t0))
   loss = float(np.asarray(metrics['train/loss'])[-1])
@@ -262,10 +267,11 @@ def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'f
 
   images_per_s = statistics.median(rates)
   epoch_times = _time_epochs(loop, compiled, state, windows)[0] if epoch_images else None
-  device = jax.devices()[0]
+  device, num_devices = loop.mesh.devices.flat[0], loop.mesh.size
   stats = device.memory_stats()
   flops_per_s = flops_per_image * images_per_s if flops_per_image else None
   peak = _peak_flops(device.device_kind)
+  peak = peak * num_devices if peak else None
   return {
       'model': spec, 'stage': stage, 'batch': config.batch_size, 'dtype': dtype,
       'steps_per_dispatch': k,
@@ -283,7 +289,7 @@ def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'f
           'epoch_s_windows': [round(t, 4) for t in epoch_times]} if epoch_times else {}),
       'backend': jax.default_backend(),
       'device_kind': device.device_kind,
-      'num_devices': jax.device_count(),
+      'num_devices': num_devices,
       'cpu_tuning': platform.applied(),
   }
 

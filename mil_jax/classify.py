@@ -221,6 +221,13 @@ def _init(clf: Classifier, config: ml_collections.ConfigDict, encoder_params: An
   return params, model_state
 
 
+def mesh_model(config: ml_collections.ConfigDict, model_cfg: dict[str, Any]) -> str:
+  """The name ``sharding.training_mesh`` places this stage by: the encoder's,
+  or ``'features'`` for a head trained on cached features."""
+  cached = config.freeze and config.cache_features and config.mode != 'knn'
+  return 'features' if cached else model_cfg['name']
+
+
 def build_trainer(config: ml_collections.ConfigDict, model_cfg: dict[str, Any],
                   encoder_params: Any, train_data: ip.DeviceSplit, eval_data: ip.DeviceSplit,
                   mesh: jax.sharding.Mesh) -> tuple[trainer.Trainer, Any, Any]:
@@ -270,9 +277,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   _check(config)
   sharding.initialize_distributed()
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.batch_size, mesh)
   model_cfg, encoder_params, source = resolve_encoder(config)
+  mesh = sharding.training_mesh(mesh_model(config, model_cfg), config.batch_size)
+  sharding.check_batch_size(config.batch_size, mesh)
   train_split = ip.load_split(config.data, config.data.train_split)
   eval_split = ip.load_split(config.data, config.data.eval_split)
   if workdir is None:

@@ -8,6 +8,12 @@ every command (``train_pretrain.py``, ``train_classifier.py``,
 (``JAX_PLATFORMS`` says cpu, or no GPU/TPU plugin is installed) and never
 overrides a flag the user set in ``XLA_FLAGS``.
 
+It also splits the CPU into one XLA device per core (up to
+``CPU_MAX_DEVICES``): XLA:CPU runs the small ops of a step one after another,
+so one device keeps about one core busy, while a batch split over two devices
+keeps two. ``sharding.training_mesh`` then puts the models of
+``CPU_DATA_PARALLEL`` on every such device and the others on one.
+
 ``compiler_options(model)`` gives per-model options for ``jax.jit``, which
 the trainer applies to its programs when the backend is the CPU.
 """
@@ -31,6 +37,17 @@ CPU_XLA_FLAGS: dict[str, str] = {'xla_cpu_experimental_ynn_fusion_type': '-reduc
 _NO_YNNPACK = {'xla_cpu_experimental_ynn_fusion_type': ''}
 CPU_COMPILER_OPTIONS: dict[str, dict[str, str]] = {'conv': _NO_YNNPACK, 'mae': _NO_YNNPACK}
 
+# Most XLA devices the CPU is split into (one per usable core up to this).
+CPU_MAX_DEVICES = 8
+_DEVICE_COUNT_FLAG = 'xla_force_host_platform_device_count'
+
+# Models whose training step splits its batch over the CPU devices, each
+# measured with the benchmark on 2 cores (README, Performance): Conv and MAE
+# gain from it. The FC autoencoder's large dots already use every core and it
+# lost to the gradient all-reduce of its 12.4 M parameters; the classifier on
+# cached features is too small to split.
+CPU_DATA_PARALLEL = frozenset({'conv', 'mae'})
+
 _applied: list[str] = []
 
 
@@ -42,15 +59,31 @@ def _will_run_on_cpu() -> bool:
   return not any(importlib.util.find_spec(m) for m in accelerators)
 
 
+def _usable_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS, Windows
+    return os.cpu_count() or 1
+
+
 def configure() -> None:
   """Adds the CPU tuning to ``XLA_FLAGS`` when running on the CPU."""
   if _applied or not _will_run_on_cpu():
     return
   flags = os.environ.get('XLA_FLAGS', '')
-  extra = [f'--{k}={v}' for k, v in CPU_XLA_FLAGS.items() if f'--{k}' not in flags]
+  wanted = dict(CPU_XLA_FLAGS)
+  devices = min(_usable_cores(), CPU_MAX_DEVICES)
+  if devices > 1:
+    wanted[_DEVICE_COUNT_FLAG] = str(devices)
+  extra = [f'--{k}={v}' for k, v in wanted.items() if f'--{k}' not in flags]
   if extra:
     os.environ['XLA_FLAGS'] = ' '.join([flags, *extra]).strip()
   _applied.extend(extra or ['none'])
+
+
+def split_cpu() -> bool:
+  """Whether ``configure`` split the CPU into several devices (the user did not choose)."""
+  return any(a.startswith(f'--{_DEVICE_COUNT_FLAG}=') for a in _applied)
 
 
 def applied() -> list[str]:

@@ -131,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     ``{'eval/loss', 'eval/mse', 'eval/psnr'}`` of the final parameters.
   """
   sharding.initialize_distributed()
-  mesh = sharding.make_mesh()
+  mesh = sharding.training_mesh(config.model.name, config.batch_size)
   sharding.check_batch_size(config.batch_size, mesh)
   model = models.build_autoencoder(config.model)
   if config.num_epochs < 1:

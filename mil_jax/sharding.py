@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mil_jax import platform
 from mil_jax.errors import UserError
 
 DATA_AXIS = 'data'
@@ -37,6 +38,23 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh named ``('data',)`` over ``devices`` (default: all devices)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def training_mesh(model: str, batch_size: int,
+                  devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh a training stage of ``model`` runs on: every device, as a rule.
+
+  On a CPU that ``platform.configure`` split into one device per core, the
+  models of ``platform.CPU_DATA_PARALLEL`` take as many devices as divide
+  ``batch_size`` evenly, and any other ``model`` (FC, the classifier on
+  cached features) takes one. A device count the user set in ``XLA_FLAGS``
+  is used whole, as on GPUs and TPUs.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  if platform.split_cpu() and devices[0].platform == 'cpu' and jax.process_count() == 1:
+    usable = len(devices) if model in platform.CPU_DATA_PARALLEL else 1
+    devices = devices[:max(n for n in range(1, usable + 1) if batch_size % n == 0)]
+  return make_mesh(devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -50,3 +50,24 @@ def test_eight_devices_shard_the_batch():
                             'JAX_PLATFORMS': 'cpu'})
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().endswith('ok')
+
+
+def test_training_mesh_on_a_split_cpu():
+  script = textwrap.dedent('''
+      from mil_jax import platform, sharding
+      assert not platform.split_cpu()  # the device count came from the user's XLA_FLAGS
+      assert sharding.training_mesh('fc', 32).size == 8
+      platform.split_cpu = lambda: True  # as if configure() had split the CPU
+      sizes = {(m, b): sharding.training_mesh(m, b).size
+               for m, b in [('conv', 32), ('conv', 12), ('conv', 7), ('mae', 128),
+                            ('fc', 32), ('features', 32)]}
+      print(sizes)
+      assert sizes == {('conv', 32): 8, ('conv', 12): 6, ('conv', 7): 7, ('mae', 128): 8,
+                       ('fc', 32): 1, ('features', 32): 1}, sizes
+      print('ok')
+  ''')
+  result = run_command(['-c', script],
+                       env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+                            'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip().endswith('ok')
