@@ -106,10 +106,20 @@ def read_meta(directory: pathlib.Path, step: int) -> dict[str, Any]:
 
 
 def restore_params(directory: pathlib.Path, step: int) -> Any:
-  """The ``params`` item of a checkpoint, as host arrays with their saved structure."""
+  """The ``params`` item of a checkpoint, with its saved structure, on the first device.
+
+  Whatever devices saved it (8 GPUs, or the CPU split into cores): the
+  target is built from the saved shapes and dtypes, not from the saved
+  sharding, which orbax refuses to restore on another device count.
+  """
+  on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  saved = ocp.StandardCheckpointHandler().metadata(directory / str(step) / 'params').tree
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_device),
+                        saved)
   mngr = manager(directory, create=False)
   try:
-    return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
+    return mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target))).params
   finally:
     mngr.close()
 

@@ -103,21 +103,17 @@ import pathlib, sys
 import jax, numpy as np
 from configs import conv as conv_config
 from mil_jax import pretrain
-from tests.conftest import latest_params
 from tests.test_pretrain import tiny
 workdir = pathlib.Path(sys.argv[1])
 config = tiny(conv_config, '192,runlocal', 'sgd', num_epochs=1)
 config.data.fake_train_size = 32  # one step: float noise has no steps to grow over
 pretrain.train_and_evaluate(config, workdir)
-flat = jax.tree_util.tree_flatten_with_path(latest_params(workdir)[1])[0]
-np.savez(workdir / 'params.npz', **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
 print(len(jax.devices()))
 """
   out = run_command(['-c', script, str(tmp_path / '8')], env={
       'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'})
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().splitlines()[-1] == '8'
-  eight = dict(np.load(tmp_path / '8' / 'params.npz'))
 
   config = tiny(conv_config, '192,runlocal', 'sgd', num_epochs=1)
   config.data.fake_train_size = 32
@@ -125,6 +121,8 @@ print(len(jax.devices()))
   flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v)
                        for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
   one = flat(latest_params(tmp_path / '1')[1])
+  # Saved sharded over 8 devices, restored here on 1 (checkpoint.restore_params).
+  eight = flat(latest_params(tmp_path / '8')[1])
   init = flat(pretrain.init_params(config, models.build_autoencoder(config.model),
                                    sharding.make_mesh()))
   assert one.keys() == eight.keys() == init.keys()
