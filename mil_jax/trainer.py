@@ -153,9 +153,14 @@ class Trainer:
     return ip.epoch_permutation(self.config.seed, step // self.steps_per_epoch,
                                 len(self.train_data))
 
-  def train_step(self, state: TrainState, data: ip.DeviceSplit, perm: jax.Array
+  def train_step(self, state: TrainState, data: ip.DeviceSplit, perm: jax.Array,
+                 measure_grad_norm: bool | jax.Array = True
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One train step of the epoch permutation ``perm`` (pure; ``train_chunk`` jits K of them)."""
+    """One train step of the epoch permutation ``perm`` (pure; ``train_chunk`` jits K of them).
+
+    ``measure_grad_norm`` False (a traced bool is fine) gives NaN for
+    ``train/grad_norm`` instead of a pass over every gradient.
+    """
     step_in_epoch = state.step % self.steps_per_epoch
     images, labels = ip.train_batch(data, perm, step_in_epoch, self.config.batch_size)
     images = jax.lax.with_sharding_constraint(images, self._batch_sharding)
@@ -165,19 +170,26 @@ class Trainer:
         state.params, state.model_state, images, labels, rngs)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'train/loss': loss, 'train/grad_norm': optax.global_norm(grads),
+    grad_norm = jax.lax.cond(measure_grad_norm, optax.global_norm, lambda _: jnp.float32(jnp.nan),
+                             grads)
+    metrics = {'train/loss': loss, 'train/grad_norm': grad_norm,
                'train/lr': jnp.asarray(self.schedule(state.step), jnp.float32), **metrics}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       model_state=model_state), metrics
 
   def _train_chunk(self, state: TrainState, data: ip.DeviceSplit, perm: jax.Array,
                    num_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
-    """``num_steps`` train steps in one program; metrics stacked ``[num_steps]``."""
+    """``num_steps`` train steps in one program; metrics stacked ``[num_steps]``.
+
+    The gradient norm is measured on the last step only (NaN on the others):
+    on the FC autoencoder that pass over 12 M gradients took a fifth of each
+    step on a CPU. The host logs the mean over the steps that have it.
+    """
     if num_steps == 1:
       state, metrics = self.train_step(state, data, perm)
       return state, jax.tree.map(lambda m: m[None], metrics)
-    return jax.lax.scan(lambda s, _: self.train_step(s, data, perm), state, None,
-                        length=num_steps)
+    return jax.lax.scan(lambda s, i: self.train_step(s, data, perm, i == num_steps - 1), state,
+                        jnp.arange(num_steps))
 
   def _evaluate(self, params: Any, model_state: Any, data: ip.DeviceSplit, idx: jax.Array,
                 valid: jax.Array) -> dict[str, jax.Array]:
@@ -245,7 +257,7 @@ class Trainer:
             epoch_losses.extend(host['train/loss'])
             now = time.perf_counter()
             rate = (step - last_log) * cfg.batch_size / max(now - t_log, 1e-9)
-            means = {name: float(np.mean(v)) for name, v in host.items()}
+            means = {name: float(np.nanmean(v)) for name, v in host.items()}
             writer.write(step, step / spe, {**means, 'train/images_per_s': rate})
             bar.update(step - last_log)
             bar.set_postfix(loss=f'{means["train/loss"]:.4g}', img_s=f'{rate:,.0f}')

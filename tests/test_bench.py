@@ -109,12 +109,17 @@ def test_steps_per_dispatch_equals_single_steps(model):
   _, state_b, _ = bench.build(config, 'pretrain')
   data, perm = loop.train_data, loop.permutation(state_a.step)
   state_a, metrics_a = loop.train_chunk(state_a, data, perm, 4)
-  losses_b = []
+  losses_b, norms_b = [], []
   for _ in range(4):
     state_b, metrics_b = loop.train_chunk(state_b, data, perm, 1)
     losses_b.append(metrics_b['train/loss'][0])
+    norms_b.append(metrics_b['train/grad_norm'][0])
   assert int(state_a.step) == int(state_b.step) == 4
   np.testing.assert_allclose(metrics_a['train/loss'], np.stack(losses_b), rtol=1e-6)
+  # A chunk measures the gradient norm on its last step only; single steps on each.
+  assert np.isnan(metrics_a['train/grad_norm'][:3]).all()
+  assert np.isfinite(norms_b).all() and norms_b[3] > 0
+  np.testing.assert_allclose(metrics_a['train/grad_norm'][3], norms_b[3], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
