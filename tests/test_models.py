@@ -289,10 +289,11 @@ def test_chunked_attention_equals_whole_batch_attention():
   cotangent = jax.random.normal(jax.random.key(1), q.shape)
 
   def loss(chunk, q, k, v):
-    return jnp.sum(vit.attention(q, k, v, chunk=chunk) * cotangent)
+    return jnp.sum(vit.attention(q, k, v, chunk=chunk[0], groups=chunk[1]) * cotangent)
 
-  whole, whole_grads = jax.value_and_grad(loss, argnums=(1, 2, 3))(6, q, k, v)
-  for chunk in (1, 2, 3):
+  whole, whole_grads = jax.value_and_grad(loss, argnums=(1, 2, 3))((6, 1), q, k, v)
+  # (examples per chunk, groups): one group, or the batch in 2 or 3 parts as over devices.
+  for chunk in ((1, 1), (2, 1), (3, 1), (1, 2), (3, 2), (1, 3)):
     value, grads = jax.value_and_grad(loss, argnums=(1, 2, 3))(chunk, q, k, v)
     np.testing.assert_allclose(value, whole, rtol=1e-5)
     for a, b in zip(grads, whole_grads):
@@ -307,6 +308,9 @@ def test_attention_chunk_fits_the_budget_and_divides_the_batch():
   chunk = vit.attention_chunk(100, 3, 65)              # 41 would fit; 25 divides 100
   assert chunk == 25
   assert vit.attention_chunk(7, 64, 257) == 1
+  assert vit.attention_chunk(128, 3, 257, groups=2) == 2   # within each device's 64
+  assert vit.attention_chunk(100, 3, 65, groups=2) == 25   # 41 would fit; 25 divides 50
+  assert vit.cpu_batch_groups(128) == 1                     # one device here
 
 
 def test_sincos_position_embedding_is_not_a_param():

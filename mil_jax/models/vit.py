@@ -70,12 +70,22 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.einsum('bhts,bhsd->bhtd', weights, v)
 
 
-def attention_chunk(batch: int, heads: int, length: int) -> int:
-  """Examples per attention chunk: ``batch`` (no chunking) except on a single CPU device."""
-  if jax.default_backend() != 'cpu' or jax.device_count() > 1:
-    return batch
+def cpu_batch_groups(batch: int) -> int:
+  """Equal parts of the batch on separate CPU devices (as ``sharding.training_mesh``
+  splits it): each device chunks its own part. 1 off the CPU."""
+  if jax.default_backend() != 'cpu':
+    return 1
+  return max(g for g in range(1, jax.device_count() + 1) if batch % g == 0)
+
+
+def attention_chunk(batch: int, heads: int, length: int, groups: int = 1) -> int:
+  """Examples per attention chunk in each of ``groups`` parts of the batch:
+  the whole part (no chunking) except on the CPU."""
+  part = batch // groups
+  if jax.default_backend() != 'cpu':
+    return part
   fit = max(1, CPU_ATTENTION_CHUNK_BYTES // (4 * heads * length * length))
-  return max(c for c in range(1, min(fit, batch) + 1) if batch % c == 0)
+  return max(c for c in range(1, min(fit, part) + 1) if part % c == 0)
 
 
 def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -96,27 +106,34 @@ def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return out[:, :length]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int | None = None
-              ) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int | None = None,
+              groups: int | None = None) -> jax.Array:
   """Softmax attention, scaled by 1/sqrt(head width); softmax in float32.
 
   Args:
     q, k, v: [B, H, T, D] (heads before tokens).
-    chunk: examples per chunk (a divisor of B); ``None``: ``attention_chunk``.
+    chunk: examples per chunk of each group (a divisor of B / groups);
+      ``None``: ``attention_chunk``.
+    groups: equal parts of the batch (one per device it is split over); each
+      loop step takes one chunk of every part, so no device waits on
+      another's examples. ``None``: ``cpu_batch_groups``.
 
   Returns:
     [B, H, T, D].
   """
   batch, heads, length, _ = q.shape
-  chunk = attention_chunk(batch, heads, length) if chunk is None else chunk
-  if chunk >= batch:
+  groups = cpu_batch_groups(batch) if groups is None else groups
+  chunk = attention_chunk(batch, heads, length, groups) if chunk is None else chunk
+  steps = batch // groups // chunk
+  if steps <= 1:
     return _attention(q, k, v)
 
-  def split(x):
-    return x.reshape(batch // chunk, chunk, *x.shape[1:])
+  def split(x):  # [B, ...] -> [steps, groups * chunk, ...]
+    x = x.reshape(groups, steps, chunk, *x.shape[1:]).swapaxes(0, 1)
+    return x.reshape(steps, groups * chunk, *x.shape[3:])
 
   out = jax.lax.map(jax.checkpoint(lambda qkv: _attention(*qkv)), (split(q), split(k), split(v)))
-  return out.reshape(q.shape)
+  return out.reshape(steps, groups, chunk, *q.shape[1:]).swapaxes(0, 1).reshape(q.shape)
 
 
 class MultiHeadAttention(nn.Module):
