@@ -40,6 +40,11 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def devices_for_batch(batch_size: int, devices: int) -> int:
+  """The most of ``devices`` (at least 1) that split ``batch_size`` evenly."""
+  return max(n for n in range(1, devices + 1) if batch_size % n == 0)
+
+
 def training_mesh(model: str, batch_size: int,
                   devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh a training stage of ``model`` runs on: every device, as a rule.
@@ -53,7 +58,7 @@ def training_mesh(model: str, batch_size: int,
   devices = jax.devices() if devices is None else list(devices)
   if platform.split_cpu() and devices[0].platform == 'cpu' and jax.process_count() == 1:
     usable = len(devices) if model in platform.CPU_DATA_PARALLEL else 1
-    devices = devices[:max(n for n in range(1, usable + 1) if batch_size % n == 0)]
+    devices = devices[:devices_for_batch(batch_size, usable)]
   return make_mesh(devices)
 
 

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mil_jax import sharding
+
 Dtype = Any
 
 # Xavier-uniform weights and zero biases, as the MAE reference initializes
@@ -75,7 +77,7 @@ def cpu_batch_groups(batch: int) -> int:
   splits it): each device chunks its own part. 1 off the CPU."""
   if jax.default_backend() != 'cpu':
     return 1
-  return max(g for g in range(1, jax.device_count() + 1) if batch % g == 0)
+  return sharding.devices_for_batch(batch, jax.device_count())
 
 
 def attention_chunk(batch: int, heads: int, length: int, groups: int = 1) -> int:
