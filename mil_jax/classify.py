@@ -221,11 +221,15 @@ def _init(clf: Classifier, config: ml_collections.ConfigDict, encoder_params: An
   return params, model_state
 
 
+def _on_cached_features(config: ml_collections.ConfigDict) -> bool:
+  """Whether the head trains on features the frozen encoder computed once."""
+  return config.freeze and config.cache_features and config.mode != 'knn'
+
+
 def mesh_model(config: ml_collections.ConfigDict, model_cfg: dict[str, Any]) -> str:
   """The name ``sharding.training_mesh`` places this stage by: the encoder's,
   or ``'features'`` for a head trained on cached features."""
-  cached = config.freeze and config.cache_features and config.mode != 'knn'
-  return 'features' if cached else model_cfg['name']
+  return 'features' if _on_cached_features(config) else model_cfg['name']
 
 
 def build_trainer(config: ml_collections.ConfigDict, model_cfg: dict[str, Any],
@@ -240,7 +244,7 @@ def build_trainer(config: ml_collections.ConfigDict, model_cfg: dict[str, Any],
   num_classes = train_data.num_classes
   clf = build_classifier(config, model_cfg, num_classes)
   params, model_state = _init(clf, config, encoder_params, mesh)
-  cached = config.freeze and config.cache_features
+  cached = _on_cached_features(config)
   if cached:
     train_data = compute_features(clf, params, train_data, config.batch_size, mesh)
     eval_data = compute_features(clf, params, eval_data, config.batch_size, mesh)
