@@ -10,6 +10,15 @@ from mil_jax.errors import UserError
 from .conftest import run_command
 
 
+def run_on_eight_devices(script):
+  """Runs ``script`` in a process with 8 simulated CPU devices; it must print 'ok' last."""
+  result = run_command(['-c', script],
+                       env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+                            'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip().endswith('ok')
+
+
 def test_check_batch_size():
   mesh = sharding.make_mesh(jax.devices()[:1])
   sharding.check_batch_size(3, mesh)
@@ -45,11 +54,7 @@ def test_eight_devices_shard_the_batch():
       np.testing.assert_array_equal(np.asarray(out), np.asarray(data.images)[idx])
       print('ok')
   ''')
-  result = run_command(['-c', script],
-                       env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-                            'JAX_PLATFORMS': 'cpu'})
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.strip().endswith('ok')
+  run_on_eight_devices(script)
 
 
 def test_training_mesh_on_a_split_cpu():
@@ -66,8 +71,4 @@ def test_training_mesh_on_a_split_cpu():
                        ('fc', 32): 1, ('features', 32): 1}, sizes
       print('ok')
   ''')
-  result = run_command(['-c', script],
-                       env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-                            'JAX_PLATFORMS': 'cpu'})
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.strip().endswith('ok')
+  run_on_eight_devices(script)
