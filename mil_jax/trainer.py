@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import pathlib
 import signal
@@ -39,7 +40,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-from mil_jax import checkpoint, sharding
+from mil_jax import checkpoint, optim, sharding
 from mil_jax import input_pipeline as ip
 from mil_jax import workdir as workdir_lib
 from mil_jax.errors import Interrupted, UserError
@@ -131,6 +132,8 @@ class Trainer:
     self.total_steps = self.steps_per_epoch * cfg.num_epochs
     repl = sharding.replicated(self.mesh)
     self._batch_sharding = sharding.batch_sharded(self.mesh)
+    on_cpu = self.mesh.devices.flat[0].platform == 'cpu'
+    self._norm_block = optim.CPU_NORM_BLOCK if on_cpu else 0
     self.train_chunk = jax.jit(self._train_chunk, static_argnums=3, donate_argnums=0,
                                in_shardings=(repl, repl, repl), out_shardings=repl,
                                compiler_options=self.compiler_options)
@@ -170,8 +173,9 @@ class Trainer:
         state.params, state.model_state, images, labels, rngs)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = jax.lax.cond(measure_grad_norm, optax.global_norm, lambda _: jnp.float32(jnp.nan),
-                             grads)
+    grad_norm = jax.lax.cond(measure_grad_norm,
+                             functools.partial(optim.global_norm, block=self._norm_block),
+                             lambda _: jnp.float32(jnp.nan), grads)
     metrics = {'train/loss': loss, 'train/grad_norm': grad_norm,
                'train/lr': jnp.asarray(self.schedule(state.step), jnp.float32), **metrics}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,

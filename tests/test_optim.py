@@ -77,3 +77,19 @@ def test_weight_decay_skips_biases():
   updates, _ = tx.update(zeros, tx.init(params), params)
   assert float(jnp.abs(updates['head']['kernel']).sum()) > 0  # decayed
   assert float(jnp.abs(updates['encoder']['dense']['bias']).sum()) == 0  # not decayed
+
+
+@pytest.mark.parametrize('block', [0, 2, 32])
+def test_global_norm_matches_optax(block):
+  # Sizes that are and are not multiples of the block, several levels deep,
+  # a scalar and a bfloat16 leaf.
+  rng = np.random.default_rng(0)
+  tree = {'w': jnp.asarray(rng.normal(size=(96, 70)), jnp.float32),
+          'b': jnp.asarray(rng.normal(size=(33,)), jnp.float32),
+          's': jnp.float32(-3.0),
+          'h': jnp.asarray(rng.normal(size=(5, 7)), jnp.bfloat16)}
+  want = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in tree.values()))
+  got = jax.jit(lambda t: optim.global_norm(t, block=block))(tree)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got, optax.global_norm(tree), rtol=1e-5)
