@@ -17,8 +17,10 @@ Variants:
     (64 patches, 16 kept): the encoder sees 17 tokens instead of 65 and the
     decoder 65 instead of 257, and the decoder is narrower (width 128, 4
     heads, MLP 512), as in the MAE paper where the decoder is much lighter
-    than the encoder; about 6x fewer FLOPs per image by counting tokens and
-    widths (wall-clock not measured yet). Fixed 2-D sin-cos position
+    than the encoder: 0.45 GFLOP of matrix multiplies per training image
+    against the seed's 2.84 (the benchmark's count on the CPU at batch
+    128), and 126-128 images/s against 22.6 on a 2-core CPU (`python -m
+    mil_jax.bench --model mae:fast --batch 128`). Fixed 2-D sin-cos position
     embeddings (nothing to learn for the grid layout), per-patch normalized
     pixel targets and Adam b2 = 0.95, the MAE paper's choices for better
     representations.
@@ -34,10 +36,11 @@ The reference saw 9.2 steps/s on its GPU: 2000 epochs took about a day.
 
 Expected runtime (391 steps per epoch, 782,000 steps): a whole run was not
 timed. The benchmark's training steps of the seed model ran at 37,400
-images/s on one H100 in bfloat16 at batch 4096 (--config.model.dtype=bfloat16
---config.batch_size=4096; scale the learning rate with it), which makes 2000
-epochs about 45 minutes; at this config's batch 128 in float32, about 21
-images/s on a 2-core CPU (README, Performance).
+images/s on one H100 and 45,400 on one H200, in bfloat16 at batch 4096 with
+cuDNN attention (--config.model.dtype=bfloat16 --config.batch_size=4096;
+scale the learning rate with it), which makes 2000 epochs about 45 and 37
+minutes; at this config's batch 128 in float32, 22-23 images/s on a 2-core
+CPU (README, Performance).
 Expected result: not measured yet. The reference reached 0.219 top-1 with a
 linear head and fine-tuning, 0.088 with a frozen encoder (reference/SEED.md).
 """
