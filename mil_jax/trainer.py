@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 import pathlib
 import signal
@@ -133,7 +132,7 @@ class Trainer:
     repl = sharding.replicated(self.mesh)
     self._batch_sharding = sharding.batch_sharded(self.mesh)
     on_cpu = self.mesh.devices.flat[0].platform == 'cpu'
-    self._norm_block = optim.CPU_NORM_BLOCK if on_cpu else 0
+    self._grad_norm = optim.global_norm if on_cpu else optax.global_norm
     self.train_chunk = jax.jit(self._train_chunk, static_argnums=3, donate_argnums=0,
                                in_shardings=(repl, repl, repl), out_shardings=repl,
                                compiler_options=self.compiler_options)
@@ -173,8 +172,7 @@ class Trainer:
         state.params, state.model_state, images, labels, rngs)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = jax.lax.cond(measure_grad_norm,
-                             functools.partial(optim.global_norm, block=self._norm_block),
+    grad_norm = jax.lax.cond(measure_grad_norm, self._grad_norm,
                              lambda _: jnp.float32(jnp.nan), grads)
     metrics = {'train/loss': loss, 'train/grad_norm': grad_norm,
                'train/lr': jnp.asarray(self.schedule(state.step), jnp.float32), **metrics}
