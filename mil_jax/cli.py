@@ -41,12 +41,14 @@ def _last_line(text: str) -> str:
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
+  """The value of the last ``--config`` in ``argv`` (the one absl keeps)."""
+  path = None
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
-      return arg.split('=', 1)[1]
-    if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+      path = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      path = argv[i + 1]
+  return path
 
 
 def expand_type_flag(argv: list[str]) -> list[str]:
@@ -88,13 +90,46 @@ def parse_flags(argv: list[str], *, type_picks_config: bool = False) -> list[str
     if path is not None:
       flags.FLAGS['config'].value  # noqa: B018  (loading happens on first access)
   except flags.Error as e:
-    fail(_last_line(str(e)).rstrip('.') + '.')
+    fail(_flag_error(str(e)))
   except (AttributeError, KeyError) as e:
-    name = str(e).strip('"\'')
-    fail(f'the config has no field {name}; check the spelling of --config.<field>.')
+    fail(_unknown_field(e))
   except ValueError as e:
     fail(_last_line(str(e)).rstrip('.') + '.')
   return rest
+
+
+def _flag_error(text: str) -> str:
+  """absl's message, with the spelling of boolean negation pointed out."""
+  message = _last_line(text).rstrip('.').replace(' ?', '?')
+  m = re.search(r"Unknown command line flag '(no-?)(\w+)'", message)
+  if m and m.group(1) == 'no-':
+    return f"unknown flag --no-{m.group(2)}; booleans are negated as --no{m.group(2)}."
+  return message[0].lower() + message[1:] + '.'
+
+
+def _unknown_field(error: BaseException) -> str:
+  """ml_collections' KeyError/AttributeError for a missing field, as one sentence."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else str(error)
+  name = re.search(r'Key "([^"]+)"', text) or re.match(r"""\s*['"]?([\w.]+)""", text)
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  return (f'the config has no field {name.group(1) if name else text.splitlines()[0]}'
+          + (f' (did you mean {hint.group(1)}?)' if hint else '')
+          + '; check the spelling of --config.<field>.')
+
+
+def check_config_kind(expected: str) -> None:
+  """Exits 2 unless ``--config`` is a config file of the ``expected`` kind."""
+  from mil_jax import config_checks  # noqa: PLC0415
+  config = flags.FLAGS.config
+  if config is None:
+    return
+  path = _config_path(sys.argv) or str(CONFIG_DIR / 'classifier.py')
+  try:
+    config_checks.check_kind(config, expected, path.split(':', 1)[0])
+  except UserError as e:
+    fail(str(e))
 
 
 def define_run_flags(default_config: str | None, config_help: str, workdir_help: str
@@ -109,12 +144,22 @@ def define_run_flags(default_config: str | None, config_help: str, workdir_help:
                             'Replace a run of a different config found in --workdir.'))
 
 
-def run(main: Callable[[list[str]], None], *, type_picks_config: bool = False) -> None:
-  """Runs ``main`` under absl with the design's exit codes (see :func:`parse_flags`)."""
+def run(main: Callable[[list[str]], None], *, kind: str | None = None,
+        type_picks_config: bool = False) -> None:
+  """Runs ``main`` under absl with the design's exit codes (see :func:`parse_flags`).
+
+  Args:
+    main: the program.
+    kind: the kind of config file ``--config`` must be: 'pretraining',
+      'classifier' or 'grid' (None: the program has no ``--config``).
+    type_picks_config: see :func:`parse_flags`.
+  """
 
   def wrapped(argv: list[str]) -> None:
     if len(argv) > 1:
-      fail(f'unexpected arguments {argv[1:]}; flags are written --name=value.')
+      fail(f'unexpected arguments {" ".join(argv[1:])}; flags are written --name=value.')
+    if kind is not None:
+      check_config_kind(kind)
     # Orbax and TFDS log every file they touch, and warn about things that are
     # fine here; the user wants the progress bar and our own messages.
     logging.set_verbosity(logging.INFO if flags.FLAGS.debug else logging.ERROR)

@@ -21,6 +21,8 @@ import os
 import re
 import socket
 import urllib.parse
+import zipfile
+import zlib
 from typing import Any
 
 import flax.struct
@@ -79,6 +81,9 @@ def parse_split(split: str) -> tuple[str, slice | None, bool]:
   if (start and stop and pct_a != pct_b) or (pct_a and not start) or (pct_b and not stop):
     raise UserError(f"split {split!r} mixes percent and absolute bounds; use one kind.")
   percent = bool(pct_a or pct_b)
+  bounds = [int(v) for v in (start, stop) if v]
+  if percent and any(abs(v) > 100 for v in bounds):
+    raise UserError(f'split {split!r} has a percentage outside -100% to 100%.')
   return name, slice(int(start) if start else None, int(stop) if stop else None), percent
 
 
@@ -105,27 +110,45 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> None:
     raise UserError(
         f'{where} holds labels of dtype {labels.dtype} and shape {labels.shape}; '
         f'mil_jax needs one integer label per image ({len(images)}).')
+  if labels.size and labels.min() < 0:
+    raise UserError(f'{where} holds the negative label {labels.min()}; labels are class '
+                    'indices 0, 1, 2, ...')
 
 
 def _load_npz(path: str, name: str) -> tuple[np.ndarray, np.ndarray, int]:
   if not os.path.isfile(path):
-    raise UserError(f'npz file {path!r} does not exist; check data.source=npz:<path>.')
+    raise UserError(f'npz file {path} does not exist; check data.source=npz:<path>.')
+  if not zipfile.is_zipfile(path):
+    raise UserError(f'{path} is not a numpy .npz archive (a zip of arrays, as written by '
+                    'numpy.savez); convert it with numpy.savez(path, x_train=..., y_train=...).')
   try:
-    arrays = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise UserError(f'npz file {path!r} could not be read as a numpy .npz archive ({e}).') from None
-  with arrays:
-    keys = set(arrays.files)
-    if not {f'x_{name}', f'y_{name}'} <= keys:
-      have = sorted(k[2:] for k in keys if k.startswith('x_') and f'y_{k[2:]}' in keys)
-      raise UserError(
-          f'npz file {path!r} has no split {name!r} (arrays x_{name} and y_{name}); '
-          f'it has: {have or "none"}.')
-    images, labels = arrays[f'x_{name}'], arrays[f'y_{name}']
-    _check_arrays(images, labels, f'npz file {path!r} split {name!r}')
-    all_labels = [arrays[k] for k in sorted(keys) if k.startswith('y_')]
+    with np.load(path, allow_pickle=False) as arrays:
+      keys = set(arrays.files)
+      if not {f'x_{name}', f'y_{name}'} <= keys:
+        have = sorted(k[2:] for k in keys if k.startswith('x_') and f'y_{k[2:]}' in keys)
+        raise UserError(
+            f'npz file {path} has no split {name!r} (arrays x_{name} and y_{name}); '
+            f'it has: {", ".join(have) or "none"}.')
+      images, labels = arrays[f'x_{name}'], arrays[f'y_{name}']
+      _check_arrays(images, labels, f'npz file {path} split {name!r}')
+      all_labels = [arrays[k] for k in sorted(keys) if k.startswith('y_')]
+  except UserError:
+    raise
+  except ValueError as e:
+    if 'allow_pickle' in str(e):
+      raise UserError(f'npz file {path} holds Python objects, not plain arrays; mil_jax needs '
+                      'uint8 images and integer labels.') from None
+    raise UserError(f'npz file {path} is damaged ({_first_sentence(e)}); write it again.') from None
+  except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise UserError(f'npz file {path} is damaged or truncated ({_first_sentence(e)}); '
+                    'write it again.') from None
   num_classes = int(max(int(y.max()) for y in all_labels if y.size)) + 1
   return images, labels.astype(np.int32), num_classes
+
+
+def _first_sentence(error: BaseException) -> str:
+  return str(error).strip().splitlines()[0].rstrip('.') if str(error).strip() else type(
+      error).__name__
 
 
 def _fake_arrays(name: str, data_config: ml_collections.ConfigDict

@@ -71,4 +71,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  cli.run(main)  # a UserError ends in one sentence on stderr and exit code 2
+  cli.run(main, kind='pretraining')  # a UserError ends in one sentence on stderr and exit code 2
