@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import ml_collections
@@ -20,8 +24,11 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from mil_jax.errors import UserError
+from mil_jax.paths import user_path
 
 BEST_METRIC = 'eval/loss'
+DAMAGED_DIR = 'damaged_checkpoints'
+T = TypeVar('T')
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
@@ -73,31 +80,112 @@ def restore(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: A
   return dict(mngr.restore(step, args=ocp.args.Composite(**items)).items())
 
 
+def _is_step_dir(path: pathlib.Path) -> bool:
+  return path.name.isdigit() and (path / 'meta').is_dir()
+
+
 def find_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
   """Resolves a run directory, its ``checkpoints/`` or one step directory.
 
   Returns:
-    ``(checkpoints directory, step)``: the best step of a run, or the given one.
+    ``(absolute checkpoints directory, step)``: the best step of a run (the
+    latest where no step has a validation loss), or the given one.
 
   Raises:
     UserError: the path does not exist or holds no complete checkpoint.
   """
-  path = pathlib.Path(path)
+  path = user_path(path, 'checkpoint path')
   if not path.exists():
-    raise UserError(f'checkpoint path {str(path)!r} does not exist.')
-  if (path / 'meta').is_dir() and path.name.isdigit():
+    raise UserError(f'checkpoint path {path} does not exist.')
+  if _is_step_dir(path):
     return path.parent, int(path.name)
   directory = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
   mngr = manager(directory, create=False)
   try:
-    step = mngr.best_step()
+    try:
+      step = mngr.best_step()
+    except Exception:  # noqa: BLE001  (a damaged metrics file: fall back to the latest)
+      step = None
     step = mngr.latest_step() if step is None else step  # no step had metrics
   finally:
     mngr.close()
   if step is None:
-    raise UserError(f'{str(path)!r} holds no complete checkpoint; pass a pretraining '
+    raise UserError(f'{path} holds no complete checkpoint; pass a pretraining '
                     'workdir or one of its checkpoints/<step> directories.')
   return directory, step
+
+
+def _reason(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return (text[0][:160] if text else '') or type(error).__name__
+
+
+def newest_readable(mngr: ocp.CheckpointManager, restore: Callable[[int], T],
+                    workdir: pathlib.Path) -> tuple[int, T] | None:
+  """``(step, restore(step))`` of the newest checkpoint of ``mngr`` that can be read.
+
+  Each one that cannot (a file deleted or cut short) is reported on stderr
+  and, once an older one was read, moved to ``workdir/damaged_checkpoints``,
+  so that the run goes on from there and the files stay for inspection.
+
+  Returns:
+    None when ``mngr`` has no checkpoint.
+
+  Raises:
+    UserError: it has checkpoints, but none can be read.
+  """
+  damaged = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = restore(step)
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+      print(f'checkpoint {step} in {mngr.directory} cannot be read ({_reason(e)}); '
+            'trying the one before it.', file=sys.stderr, flush=True)
+      damaged.append(step)
+      continue
+    if damaged and jax.process_index() == 0:
+      aside = workdir / DAMAGED_DIR
+      aside.mkdir(exist_ok=True)
+      for bad in damaged:
+        shutil.move(pathlib.Path(mngr.directory) / str(bad), aside / f'{bad}.{time.time_ns()}')
+      print(f'resuming from checkpoint {step}; the unreadable ones are in {aside}.',
+            file=sys.stderr, flush=True)
+      mngr.reload()
+    return step, restored
+  if damaged:
+    raise UserError(f'no checkpoint in {mngr.directory} can be read (steps '
+                    f'{", ".join(map(str, damaged))}); add --overwrite to start the run again.')
+  return None
+
+
+def restore_encoder_source(path: str | pathlib.Path
+                           ) -> tuple[pathlib.Path, int, dict[str, Any], Any]:
+  """The best readable checkpoint of a run (or the given step): ``(directory,
+  step, meta, params)``, params on the first device.
+
+  When the best checkpoint of a run cannot be read, the newest that can is
+  used, with a line on stderr.
+
+  Raises:
+    UserError: no checkpoint there can be read.
+  """
+  directory, best = find_checkpoint(path)
+  if _is_step_dir(user_path(path)):
+    candidates = [best]
+  else:
+    mngr = manager(directory, create=False)
+    try:
+      candidates = [best, *(s for s in sorted(mngr.all_steps(), reverse=True) if s != best)]
+    finally:
+      mngr.close()
+  for step in candidates:
+    try:
+      return directory, step, read_meta(directory, step), restore_params(directory, step)
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+      print(f'checkpoint {step} in {directory} cannot be read ({_reason(e)}).', file=sys.stderr,
+            flush=True)
+  raise UserError(f'no checkpoint of {user_path(path)} can be read; pass another '
+                  '--pretrained_path, or pretrain again.')
 
 
 def read_meta(directory: pathlib.Path, step: int) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mil_jax import checkpoint, models, platform, report, sharding, trainer
+from mil_jax import checkpoint, config_checks, models, paths, platform, report, sharding, trainer
 from mil_jax import input_pipeline as ip
 from mil_jax import workdir as workdir_lib
 from mil_jax.errors import UserError
@@ -27,7 +27,6 @@ from mil_jax.metric_writers import MetricWriter, read_metrics
 from mil_jax.models.heads import Classifier, LinearHead, MLPHead
 from mil_jax.optim import make_optimizer
 
-MODES = ('probing', 'fine_tune', 'knn')
 STUDY_HIDDEN = {'fc': 192}  # the study's MLP width; 150 for the others
 FREEZE_RULES = ('encoder/.*',)
 
@@ -48,19 +47,27 @@ def _type_config(spec: str) -> ml_collections.ConfigDict:
 def newest_pretraining_run(runs_dir: str | pathlib.Path) -> pathlib.Path:
   """The pretraining workdir under ``runs_dir`` with the most recent checkpoint."""
   candidates = []
-  for config_file in pathlib.Path(runs_dir).glob(f'*/{workdir_lib.CONFIG_FILE}'):
+  for config_file in paths.user_path(runs_dir, 'runs_dir').glob(f'*/{workdir_lib.CONFIG_FILE}'):
     run = config_file.parent
     steps = [p for p in (run / 'checkpoints').glob('[0-9]*') if p.name.isdigit()]
-    if steps and 'loss' in json.loads(config_file.read_text()):  # pretraining configs have a loss
+    try:
+      kind = config_checks.config_kind(json.loads(config_file.read_text()))
+    except (OSError, ValueError, TypeError):
+      continue  # not a run this can read
+    if steps and kind == 'pretraining':
       candidates.append((max(p.stat().st_mtime for p in steps), str(run)))
   if not candidates:
-    raise UserError(f'no pretraining run found under {str(runs_dir)!r}; run train_pretrain.py '
+    raise UserError(f'no pretraining run found under {runs_dir}; run train_pretrain.py '
                     'first, pass --pretrained_path, or use --from_scratch --type fc|conv|mae.')
   return pathlib.Path(max(candidates)[1])
 
 
 def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], Any, str]:
-  """The encoder's model config, its pretrained params (None: fresh) and a description."""
+  """The encoder's model config, its pretrained params (None: fresh) and a description.
+
+  Without ``pretrained_path``, the newest pretraining run under ``runs_dir``
+  is used and recorded in ``config.pretrained_path``.
+  """
   if config.from_scratch:
     if config.freeze:
       raise UserError('--freeze with --from_scratch would train a head on random features; '
@@ -72,8 +79,8 @@ def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], 
   if not path:
     path = newest_pretraining_run(config.runs_dir)
     print(f'using the newest pretraining run: {path}', flush=True)
-  directory, step = checkpoint.find_checkpoint(path)
-  meta = checkpoint.read_meta(directory, step)
+    config.pretrained_path = str(path)
+  directory, step, meta, params = checkpoint.restore_encoder_source(path)
   if meta.get('stage') != 'pretrain':
     raise UserError(f'{path} is a {meta.get("stage", "unknown")} checkpoint, not a pretraining '
                     'one; pass a train_pretrain.py workdir.')
@@ -89,8 +96,7 @@ def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], 
     if diff:
       raise UserError(f'{path} holds a model with {", ".join(diff)}; drop --type or pass a '
                       f'checkpoint of a {config.model_type} model.')
-  params = checkpoint.restore_params(directory, step)['encoder']
-  return model_cfg, params, f'{directory / str(step)}'
+  return model_cfg, params['encoder'], f'{directory / str(step)}'
 
 
 # --------------------------------------------------------------------------
@@ -195,13 +201,6 @@ def make_task(config: ml_collections.ConfigDict, clf: Classifier, num_classes: i
 # The stage.
 
 
-def _check(config: ml_collections.ConfigDict) -> None:
-  if config.mode not in MODES:
-    raise UserError(f'unknown mode {config.mode!r}; use probing, fine_tune or knn.')
-  if config.num_epochs < 1:
-    raise UserError(f'num_epochs must be at least 1, got {config.num_epochs}.')
-
-
 def _init(clf: Classifier, config: ml_collections.ConfigDict, encoder_params: Any,
           mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
   """Replicated ``(params, model_state)``; the pretrained encoder dropped in unchanged."""
@@ -279,8 +278,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   Returns:
     ``{'eval/loss', 'eval/accuracy', 'eval/top5'}``, or ``{'eval/knn_accuracy'}``.
   """
-  _check(config)
   sharding.initialize_distributed()
+  paths.resolve_classifier_paths(config)
+  config_checks.check_classifier(config)
   model_cfg, encoder_params, source = resolve_encoder(config)
   mesh = sharding.training_mesh(mesh_model(config, model_cfg), config.batch_size)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -298,16 +298,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     params, _ = _init(clf, config, encoder_params, mesh)
     train = compute_features(clf, params, train_data, config.batch_size, mesh)
     test = compute_features(clf, params, eval_data, config.batch_size, mesh)
-    return _knn(config, train, test, workdir_lib.prepare(workdir, config, overwrite=overwrite))
+    with workdir_lib.claim(workdir, config, overwrite=overwrite) as workdir:
+      return _knn(config, train, test, workdir)
 
   loop, params, model_state = build_trainer(config, model_cfg, encoder_params, train_data,
                                             eval_data, mesh)
-  state, final, workdir = loop.run(
-      loop.init_state(params, model_state), workdir, overwrite=overwrite,
-      meta={'stage': 'classify', 'config': config.to_dict(), 'encoder_model': model_cfg,
-            'encoder_source': source})
-  if jax.process_index() == 0:
-    report.plot_accuracy(read_metrics(workdir), workdir / 'accuracy.png')
+  state = loop.init_state(params, model_state)
+  loop.check_programs(state)
+  with workdir_lib.claim(workdir, config, overwrite=overwrite) as workdir:
+    state, final = loop.run(
+        state, workdir, meta={'stage': 'classify', 'config': config.to_dict(),
+                              'encoder_model': model_cfg, 'encoder_source': source})
+    if jax.process_index() == 0:
+      report.plot_accuracy(read_metrics(workdir), workdir / 'accuracy.png')
   return final
 
 
@@ -320,4 +323,3 @@ def _knn(config: ml_collections.ConfigDict, train: ip.DeviceSplit, test: ip.Devi
   writer.close()
   print(f'k-NN accuracy (k={config.knn.k}): {accuracy:.4f}', flush=True)
   return {'eval/knn_accuracy': accuracy}
-

@@ -34,9 +34,28 @@ class MetricWriter:
       if name not in ('step', 'epoch') and isinstance(value, float) and math.isfinite(value):
         self._tb.add_scalar(name, value, int(step))
 
+  def drop_after(self, step: int) -> None:
+    """Removes the records of steps after ``step``: a run resumed from the
+    checkpoint of ``step`` logs them again (a run starting at 0, all of them)."""
+    if not self._active or not self._path.exists():
+      return
+    lines = self._path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if not ln.strip() or _step_of(ln) <= step]
+    if len(kept) != len(lines):
+      tmp = self._path.with_suffix('.jsonl.tmp')
+      tmp.write_text(''.join(kept))
+      tmp.replace(self._path)
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _step_of(line: str) -> float:
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):
+    return float('inf')  # a line cut short by a kill: dropped with the steps after it
 
 
 def _plain(value: Any) -> Any:

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mil_jax import config_checks, losses, models, paths, platform, report, sharding, trainer
 from mil_jax import input_pipeline as ip
-from mil_jax import losses, models, platform, report, sharding, trainer
-from mil_jax.errors import UserError
+from mil_jax import workdir as workdir_lib
 from mil_jax.metric_writers import read_metrics
 from mil_jax.models import mae as mae_lib
 from mil_jax.optim import make_optimizer
@@ -121,31 +121,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                        overwrite: bool = False) -> dict[str, float]:
   """Pretrains ``config.model`` and returns the final validation metrics.
 
+  Every input is checked (config values, data, the traced programs) before
+  ``workdir`` is created, replaced or resumed.
+
   Args:
-    config: a pretraining config (``configs/fc.py``, ``conv.py``, ``mae.py``).
-    workdir: where checkpoints, metrics and pictures go; rerunning with the
-      same workdir resumes.
-    overwrite: replace a run of a different config found in ``workdir``.
+    config: a pretraining config (``configs/fc.py``, ``conv.py``, ``mae.py``);
+      its paths (``npz:`` sources, ``data.data_dir``) may be relative to the
+      current directory, and are recorded absolute.
+    workdir: where checkpoints, metrics and pictures go (relative paths and
+      ``~`` work); rerunning with the same workdir resumes, or extends a
+      finished run to a larger ``num_epochs``.
+    overwrite: replace a run found in ``workdir``.
 
   Returns:
     ``{'eval/loss', 'eval/mse', 'eval/psnr'}`` of the final parameters.
   """
   sharding.initialize_distributed()
+  paths.resolve_data_paths(config.data)
+  config_checks.check_pretraining(config)
   mesh = sharding.training_mesh(config.model.name, config.batch_size)
   sharding.check_batch_size(config.batch_size, mesh)
   model = models.build_autoencoder(config.model)
-  if config.num_epochs < 1:
-    raise UserError(f'num_epochs must be at least 1, got {config.num_epochs}.')
   train_split = ip.load_split(config.data, config.data.train_split)
   eval_split = ip.load_split(config.data, config.data.eval_split)
 
   train_data = ip.DeviceSplit.create(train_split, mesh)
   eval_data = ip.DeviceSplit.create(eval_split, mesh)
   loop, params = build_trainer(config, model, train_data, eval_data, mesh)
-  state, final, workdir = loop.run(
-      loop.init_state(params), workdir, overwrite=overwrite,
-      meta={'stage': 'pretrain', 'config': config.to_dict()})
-  if jax.process_index() == 0:
-    report.plot_loss(read_metrics(workdir), workdir / 'loss.png')
-    save_reconstructions(config, model, state.params, eval_data, workdir / 'reconstructions.png')
+  state = loop.init_state(params)
+  loop.check_programs(state)
+  with workdir_lib.claim(workdir, config, overwrite=overwrite) as workdir:
+    state, final = loop.run(state, workdir, meta={'stage': 'pretrain',
+                                                  'config': config.to_dict()})
+    if jax.process_index() == 0:
+      report.plot_loss(read_metrics(workdir), workdir / 'loss.png')
+      save_reconstructions(config, model, state.params, eval_data,
+                           workdir / 'reconstructions.png')
   return final

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mil_jax import checkpoint, classify, models, pretrain, report, trainer
+from mil_jax import checkpoint, classify, models, paths, pretrain, report, trainer
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import UserError
 
@@ -222,7 +222,8 @@ def run_grid(grid: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   Raises:
     UserError: the grid's config is wrong or its data cannot be loaded.
   """
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = paths.user_path(workdir, 'workdir')
+  paths.resolve_data_paths(grid.data)
   cells = make_cells(grid, workdir)
   _check_data(grid)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -344,9 +345,8 @@ def reconstruction_strip(pretrain_dir: pathlib.Path, count: int) -> tuple[np.nda
   if cache.exists():
     with np.load(cache) as f:
       return f['original'], f['reconstruction']
-  directory, step = checkpoint.find_checkpoint(pretrain_dir)
-  config = checkpoint.config_from_meta(checkpoint.read_meta(directory, step))
-  params = checkpoint.restore_params(directory, step)
+  _, _, meta, params = checkpoint.restore_encoder_source(pretrain_dir)
+  config = checkpoint.config_from_meta(meta)
   model = models.build_autoencoder(config.model)
   images = ip.load_split(config.data, config.data.eval_split).images[:count]
   x = ip.to_float(jnp.asarray(images))
@@ -397,7 +397,7 @@ def main(argv: list[str]) -> None:
   grid = flags.FLAGS.config
   if grid is None:
     cli.fail('no config given; pass --config configs/reproduce.py:seed|quick|cpu|runlocal.')
-  workdir = pathlib.Path(flags.FLAGS.workdir or 'runs/reproduce')
+  workdir = paths.user_path(flags.FLAGS.workdir or 'runs/reproduce', 'workdir')
   if flags.FLAGS.compile_cache and not jax.config.jax_compilation_cache_dir:
     # Many cells compile the same programs (the columns of a row share their
     # steps, FC+l1 and FC+l2 share their encoder): compile each once, and
@@ -423,4 +423,4 @@ if __name__ == '__main__':
   flags.DEFINE_bool('compile_cache', True,
                     'Keep compiled programs in WORKDIR/compile_cache (unless '
                     'JAX_COMPILATION_CACHE_DIR is set) and reuse them across cells and reruns.')
-  cli.run(main)
+  cli.run(main, kind='grid')

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import pathlib
 import signal
@@ -41,7 +42,6 @@ import tqdm
 
 from mil_jax import checkpoint, optim, sharding
 from mil_jax import input_pipeline as ip
-from mil_jax import workdir as workdir_lib
 from mil_jax.errors import Interrupted, UserError
 from mil_jax.metric_writers import MetricWriter
 
@@ -308,37 +308,61 @@ class Trainer:
     checkpoint.save(mngr, step, params=state.params, opt_state=state.opt_state,
                     model_state=state.model_state, meta=meta, metrics=metrics)
 
-  def run(self, state: TrainState, workdir: str | pathlib.Path, *, meta: dict[str, Any],
-          overwrite: bool = False) -> tuple[TrainState, dict[str, float], pathlib.Path]:
-    """Trains in ``workdir`` from its latest checkpoint (or ``state``) to the end.
+  def check_programs(self, state: TrainState) -> None:
+    """Traces the train and eval programs, so that a config they reject (a loss
+    the model cannot give, say) fails before any workdir is touched."""
+    k = min(max(1, self.config.steps_per_dispatch), self.steps_per_epoch)
+    perm = jax.ShapeDtypeStruct((len(self.train_data),), jnp.int32)
+    jax.eval_shape(functools.partial(self._train_chunk, num_steps=k), state, self.train_data,
+                   perm)
+    jax.eval_shape(self._evaluate, state.params, state.model_state, self.eval_data,
+                   self._eval_idx, self._eval_valid)
 
-    The workdir is prepared here, after every input was checked, so that a
-    rejected command writes nothing.
+  def run(self, state: TrainState, workdir: pathlib.Path, *, meta: dict[str, Any]
+          ) -> tuple[TrainState, dict[str, float]]:
+    """Trains in a claimed ``workdir`` (``workdir.claim``) from its latest checkpoint
+    (or ``state``) to the end.
 
     Returns:
-      ``(final state, final validation metrics, workdir)``.
+      ``(final state, final validation metrics)``.
     """
-    workdir = workdir_lib.prepare(workdir, self.config, overwrite=overwrite)
     mngr = checkpoint.manager(workdir / 'checkpoints', keep=self.config.keep_checkpoints)
     writer = MetricWriter(workdir)
     try:
-      state = self.restore_latest(state, mngr)
-      if int(state.step):
-        print(f'resuming from step {int(state.step)} in {workdir}', flush=True)
+      state = self.restore_latest(state, mngr, workdir)
+      step = int(state.step)
+      writer.drop_after(step)  # records of steps the resumed run does again
+      if step >= self.total_steps:
+        print(f'the run in {workdir} has finished (step {step}, {self.config.num_epochs} '
+              'epochs); rerun with a larger --config.num_epochs to train on.', flush=True)
+      elif step:
+        print(f'resuming from step {step} in {workdir}', flush=True)
       state = self.fit(state, writer=writer, mngr=mngr,
                        meta={**meta, 'steps_per_epoch': self.steps_per_epoch})
-      return state, self.evaluate(state), workdir
+      return state, self.evaluate(state)
     finally:
       writer.close()
       mngr.close()
 
-  def restore_latest(self, state: TrainState, mngr: ocp.CheckpointManager) -> TrainState:
-    """``state`` replaced by the latest checkpoint of ``mngr``, if there is one."""
-    step = mngr.latest_step()
-    if step is None:
+  def restore_latest(self, state: TrainState, mngr: ocp.CheckpointManager,
+                     workdir: pathlib.Path) -> TrainState:
+    """``state`` replaced by the newest readable checkpoint of ``mngr``, if there is one.
+
+    A checkpoint that cannot be read (a file deleted or cut short) is
+    reported in one line and moved to ``workdir/damaged_checkpoints``; the
+    next older one is tried.
+
+    Raises:
+      UserError: there are checkpoints, but none can be read.
+    """
+    def restore(step):
+      return checkpoint.restore(mngr, step, params=state.params, opt_state=state.opt_state,
+                                model_state=state.model_state)
+
+    found = checkpoint.newest_readable(mngr, restore, workdir)
+    if found is None:
       return state
-    restored = checkpoint.restore(mngr, step, params=state.params, opt_state=state.opt_state,
-                                  model_state=state.model_state)
+    step, restored = found
     repl = sharding.replicated(self.mesh)
     return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), repl),
                       params=restored['params'], opt_state=restored['opt_state'],
