@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,31 @@ def run_command(args: list[str], *, env: dict[str, str] | None = None, timeout: 
   full_env = {**os.environ, 'PYTHONPATH': str(ROOT), **env}
   return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=full_env, text=True,
                         capture_output=True, timeout=timeout, check=False)
+
+
+# What a user's checkout holds besides the code: left out of a test's copy.
+_NOT_COPIED = shutil.ignore_patterns('.git', '.venv', 'venv', 'runs', '__pycache__', '*.egg-info',
+                                     '.pytest_cache', '.ruff_cache', 'build', 'dist')
+
+
+def copy_repository(dest: pathlib.Path) -> pathlib.Path:
+  """A copy of the repository at ``dest``, as a user's checkout (no runs, no caches)."""
+  shutil.copytree(ROOT, dest, ignore=_NOT_COPIED)
+  return dest
+
+
+def run_in(copy: pathlib.Path, args: list[str], *, timeout: float = 300,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  """Runs ``python ARGS`` with ``copy`` as the current directory and its code imported."""
+  full_env = {**os.environ, 'PYTHONPATH': str(copy), **(env or {})}
+  return subprocess.run([sys.executable, *args], cwd=copy, env=full_env, text=True,
+                        capture_output=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> pathlib.Path:
+  """A fresh copy of the repository to run commands in, the way a user does."""
+  return copy_repository(tmp_path / 'mil_jax')
 
 
 @pytest.fixture(scope='session')

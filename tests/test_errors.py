@@ -1,7 +1,10 @@
 """Every mistake a user can make gets one sentence and exit code 2 (real commands)."""
 import json
 
+import numpy as np
 import pytest
+
+from configs import conv as conv_config
 
 from .conftest import run_command
 
@@ -37,12 +40,61 @@ def assert_one_sentence(out, message):
       '--config.data.data_dir=/nonexistent/tfds'], 'is not prepared'),
     (['--config', 'configs/nope.py'], 'does not exist'),
     (['--workdir'], 'workdir'),
+    ([*TINY, '--config.optim.lrr=1'], 'the config has no field lrr (did you mean lr?);'),
+    (['--config', 'configs/classifier.py'],
+     'configs/classifier.py is a classifier config, not a pretraining config'),
+    (['--config', 'configs/reproduce.py:runlocal'], 'is a grid config, not a pretraining'),
+    (['--type', 'fc', *TINY], '--type fc contradicts --config, which is a conv config'),
+    ([*TINY, '--config.optim.lr=-1e-3'], 'optim.lr must be a finite number above 0'),
+    ([*TINY, '--config.loss=l3'], "unknown loss 'l3'"),
+    ([*TINY, '--config.checkpoint_every_steps=0'], 'checkpoint_every_steps must be at least 1'),
+    ([*TINY, '--config.data.train_split=train[:150%]'], 'percentage outside -100% to 100%'),
+    (['--config', 'configs/fc.py:runlocal', '--config.loss=masked_l2'],
+     "loss 'masked_l2' needs a masked autoencoder"),
 ])
 def test_pretrain_mistakes(tmp_path, args, message):
   out = run_command([PRETRAIN, *args] if '--workdir' in args else
                     [PRETRAIN, *args, f'--workdir={tmp_path / "run"}'])
   assert_one_sentence(out, message)
   assert not (tmp_path / 'run').exists()  # nothing written for a rejected command
+
+
+def _bad_npz_files(directory):
+  """Files a user might pass as ``npz:``, none of which holds usable arrays."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, 16)
+  np.savez(directory / 'good.npz', x_train=images, y_train=labels)
+  whole = (directory / 'good.npz').read_bytes()
+  (directory / 'truncated.npz').write_bytes(whole[:len(whole) // 2])
+  np.save(directory / 'array.npy', images)
+  np.savez(directory / 'objects.npz', x_train=np.array([images, None], dtype=object),
+           y_train=labels)
+  np.savez(directory / 'negative.npz', x_train=images, y_train=labels - 5)
+
+
+@pytest.mark.parametrize('name,message', [
+    ('truncated.npz', 'is not a numpy .npz archive'),
+    ('array.npy', 'is not a numpy .npz archive'),
+    ('objects.npz', 'holds Python objects'),
+    ('negative.npz', 'holds the negative label -5'),
+])
+def test_npz_files_of_the_wrong_kind(tmp_path, name, message):
+  _bad_npz_files(tmp_path)
+  out = run_command([PRETRAIN, *TINY, f'--config.data.source=npz:{tmp_path / name}',
+                     f'--workdir={tmp_path / "run"}'])
+  assert_one_sentence(out, message)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_unreadable_config_json_and_overlong_names(tmp_path):
+  (tmp_path / 'config.json').write_text('{"seed": 0, "model": ')
+  out = run_command([PRETRAIN, *TINY, f'--workdir={tmp_path}'])
+  assert_one_sentence(out, 'config.json cannot be read')
+  assert '--overwrite' in out.stderr
+  assert (tmp_path / 'config.json').read_text() == '{"seed": 0, "model": '
+  out = run_command([PRETRAIN, *TINY, f'--workdir={tmp_path / ("a" * 300)}'])
+  assert_one_sentence(out, 'longer than 255 bytes')
 
 
 def test_batch_not_divisible_by_devices(tmp_path):
@@ -52,11 +104,15 @@ def test_batch_not_divisible_by_devices(tmp_path):
 
 
 def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
-  (tmp_path / 'config.json').write_text(json.dumps({'seed': 1, 'model': {'name': 'fc'}}))
+  stored = json.loads(conv_config.get_config('192,runlocal').to_json())
+  stored['seed'], stored['model']['start_filters'] = 1, 99
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n')
+  (tmp_path / 'checkpoints' / '4').mkdir(parents=True)  # it saved a training step
   out = run_command([PRETRAIN, *TINY, f'--workdir={tmp_path}'])
-  assert_one_sentence(out, 'holds a run of a different config')
-  assert '--overwrite' in out.stderr
+  assert_one_sentence(
+      out, 'holds a run of a different config (model.start_filters (99 there, 6 now); ')
+  assert '; seed (1 there, 0 now))' in out.stderr and '--overwrite' in out.stderr
   assert json.loads((tmp_path / 'config.json').read_text())['seed'] == 1
   assert (tmp_path / 'metrics.jsonl').read_text() == '{"step": 1}\n'
 
@@ -94,6 +150,11 @@ def test_debug_shows_the_traceback(tmp_path):
     (['--from_scratch'], '--from_scratch needs --type'),
     (['--type', 'vit', '--from_scratch'], "unknown model type 'vit'"),
     (['--config', 'configs/classifier.py:fast'], "unknown variant 'fast'"),
+    (['--config', 'configs/fc.py'], 'configs/fc.py is a pretraining config, not a classifier'),
+    (['--no-freeze'], 'unknown flag --no-freeze; booleans are negated as --nofreeze.'),
+    (['--mode', 'knn', '--config.knn.k=-5'], 'knn.k must be at least 1'),
+    (['--mode', 'knn', '--config.knn.k=0'], 'knn.k must be at least 1'),
+    (['--mode', 'fine_tune', '--config.head.dropout_rate=1.5'], 'head.dropout_rate must be in'),
 ])
 def test_classifier_mistakes(tmp_path, pretrained, args, message):
   base = ['--config', 'configs/classifier.py:runlocal', f'--workdir={tmp_path / "run"}']
