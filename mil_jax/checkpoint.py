@@ -115,6 +115,29 @@ def find_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
   return directory, step
 
 
+def verify(directory: pathlib.Path, step: int) -> None:
+  """Reads every stored byte of checkpoint ``step``, in this thread.
+
+  A file deleted or cut short raises here, synchronously, before orbax
+  restores: a failed orbax restore leaves reads of its other arrays
+  pending, which report on stderr long after the error was handled.
+
+  Raises:
+    ValueError, OSError: what cannot be read.
+  """
+  import tensorstore as ts  # noqa: PLC0415  (orbax's own storage layer)
+
+  step_dir = pathlib.Path(directory) / str(step)
+  json.loads((step_dir / 'meta' / 'metadata').read_text())
+  for item in step_dir.iterdir():
+    if (item / '_METADATA').exists():
+      json.loads((item / '_METADATA').read_text())
+    if (item / 'manifest.ocdbt').exists():
+      store = ts.KvStore.open({'driver': 'ocdbt', 'base': f'file://{item}/'}).result()
+      for key in store.list().result():
+        store.read(key).result()
+
+
 def _reason(error: BaseException) -> str:
   text = str(error).strip().splitlines()
   return (text[0][:160] if text else '') or type(error).__name__
@@ -134,27 +157,28 @@ def newest_readable(mngr: ocp.CheckpointManager, restore: Callable[[int], T],
   Raises:
     UserError: it has checkpoints, but none can be read.
   """
-  damaged = []
+  damaged: dict[int, str] = {}
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
+      verify(pathlib.Path(mngr.directory), step)
       restored = restore(step)
     except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
-      print(f'checkpoint {step} in {mngr.directory} cannot be read ({_reason(e)}); '
-            'trying the one before it.', file=sys.stderr, flush=True)
-      damaged.append(step)
+      damaged[step] = _reason(e)
       continue
     if damaged and jax.process_index() == 0:
       aside = workdir / DAMAGED_DIR
       aside.mkdir(exist_ok=True)
-      for bad in damaged:
+      for bad, reason in damaged.items():
+        print(f'checkpoint {bad} in {mngr.directory} cannot be read ({reason}); moved to '
+              f'{aside}.', file=sys.stderr, flush=True)
         shutil.move(pathlib.Path(mngr.directory) / str(bad), aside / f'{bad}.{time.time_ns()}')
-      print(f'resuming from checkpoint {step}; the unreadable ones are in {aside}.',
-            file=sys.stderr, flush=True)
       mngr.reload()
     return step, restored
   if damaged:
+    newest = max(damaged)
     raise UserError(f'no checkpoint in {mngr.directory} can be read (steps '
-                    f'{", ".join(map(str, damaged))}); add --overwrite to start the run again.')
+                    f'{", ".join(map(str, damaged))}; step {newest}: {damaged[newest]}); add '
+                    '--overwrite to start the run again.')
   return None
 
 
@@ -178,14 +202,20 @@ def restore_encoder_source(path: str | pathlib.Path
       candidates = [best, *(s for s in sorted(mngr.all_steps(), reverse=True) if s != best)]
     finally:
       mngr.close()
+  damaged: dict[int, str] = {}
   for step in candidates:
     try:
-      return directory, step, read_meta(directory, step), restore_params(directory, step)
+      verify(directory, step)
+      found = directory, step, read_meta(directory, step), restore_params(directory, step)
     except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
-      print(f'checkpoint {step} in {directory} cannot be read ({_reason(e)}).', file=sys.stderr,
-            flush=True)
-  raise UserError(f'no checkpoint of {user_path(path)} can be read; pass another '
-                  '--pretrained_path, or pretrain again.')
+      damaged[step] = _reason(e)
+      continue
+    for bad, reason in damaged.items():
+      print(f'checkpoint {bad} in {directory} cannot be read ({reason}); using {step}.',
+            file=sys.stderr, flush=True)
+    return found
+  raise UserError(f'no checkpoint of {user_path(path)} can be read (step {candidates[0]}: '
+                  f'{damaged[candidates[0]]}); pass another --pretrained_path, or pretrain again.')
 
 
 def read_meta(directory: pathlib.Path, step: int) -> dict[str, Any]:

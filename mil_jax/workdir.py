@@ -103,6 +103,8 @@ class _Lock:
 
   def release(self) -> None:
     if self._file is not None:
+      self._file.truncate(0)  # empty while no process holds it
+      self._file.flush()
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()
       self._file = None
