@@ -151,9 +151,16 @@ def test_op_matches_numpy(name, level):
 @pytest.mark.parametrize('name', [n for n in augment.OPS if n not in ('auto_contrast', 'equalize')])
 def test_magnitude_zero_is_identity(name):
   img = images(seed=7, n=1)[0]
+  img[0, :4] = [[0, 0, 0], [255, 255, 255], [1, 254, 128], [127, 128, 129]]  # the range's ends
   for sign in (1.0, -1.0):
     got = augment.OPS[name](jnp.asarray(img, jnp.float32), jnp.float32(sign * 0.0))
     np.testing.assert_array_equal(np.asarray(got), img)
+
+
+def test_solarize_threshold_is_inclusive():
+  values = jnp.array([[[126.0, 127.0, 128.0], [129.0, 0.0, 255.0]]])
+  got = augment.solarize(values, jnp.float32(-0.5))  # threshold 256 * 0.5 = 128
+  np.testing.assert_array_equal(got, [[[126, 127, 127], [126, 0, 0]]])
 
 
 def test_rotation_is_counter_clockwise_and_fills_gray():
