@@ -77,7 +77,7 @@ def find_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
   """Resolves a run directory, its ``checkpoints/`` or one step directory.
 
   Returns:
-    ``(checkpoints directory, step)``: the best step of a run, or the given one.
+    ``(absolute checkpoints directory, step)``: the best step of a run, or the given one.
 
   Raises:
     UserError: the path does not exist or holds no complete checkpoint.
@@ -86,7 +86,7 @@ def find_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
   if not path.exists():
     raise UserError(f'checkpoint path {str(path)!r} does not exist.')
   if (path / 'meta').is_dir() and path.name.isdigit():
-    return path.parent, int(path.name)
+    return path.parent.absolute(), int(path.name)
   directory = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
   mngr = manager(directory, create=False)
   try:
@@ -97,7 +97,7 @@ def find_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
   if step is None:
     raise UserError(f'{str(path)!r} holds no complete checkpoint; pass a pretraining '
                     'workdir or one of its checkpoints/<step> directories.')
-  return directory, step
+  return directory.absolute(), step  # orbax restores from absolute paths only
 
 
 def read_meta(directory: pathlib.Path, step: int) -> dict[str, Any]:

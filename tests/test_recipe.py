@@ -3,6 +3,7 @@ decay, stochastic depth, the wiring of augmentation and mixing, the command line
 import json
 import math
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from mil_jax import input_pipeline as ip
 from mil_jax.errors import UserError
 from mil_jax.models import mae, vit
 
-from .conftest import latest_params, run_command
+from .conftest import ROOT, latest_params, run_command
 
 FAST_STEP_IMAGES_PER_S = 168_000  # the fast MAE step, bfloat16, batch 1024, one H200
 
@@ -244,28 +245,40 @@ def test_finetune_loss_uses_augmented_mixed_images_and_soft_targets():
 # End to end: the gpu recipe's tiny version, then the fine-tuning command.
 
 
+def repo_copy(dest):
+  """The programs and packages of the repository, copied to ``dest``."""
+  for name in ('configs', 'mil_jax'):
+    shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns('__pycache__'))
+  for script in ('train_pretrain.py', 'train_classifier.py'):
+    shutil.copy(ROOT / script, dest / script)
+  return dest
+
+
 def test_finetune_command_over_a_tiny_mae(tmp_path):
   from mil_jax import pretrain  # noqa: PLC0415
+  repo = repo_copy(tmp_path / 'repo')
+  runs = repo / 'runs'
   pre = mae_config.get_config('gpu,runlocal')  # bfloat16, as the recipe
   pre.model.depth = 2  # so that the last block has a drop path rate
   pre.num_epochs, pre.data.fake_train_size, pre.data.fake_test_size = 1, 64, 32
-  pretrain.train_and_evaluate(pre, tmp_path / 'mae')
-  _, pretrained = latest_params(tmp_path / 'mae')
+  pretrain.train_and_evaluate(pre, runs / 'mae')
+  _, pretrained = latest_params(runs / 'mae')
 
+  # As the README has it: run from the repository, paths relative to it.
   args = ['train_classifier.py', '--mode', 'fine_tune', '--nofreeze', '--config',
-          'configs/classifier.py:finetune,runlocal', '--pretrained_path', str(tmp_path / 'mae'),
-          '--workdir', str(tmp_path / 'ft'), '--num_epochs', '1',
+          'configs/classifier.py:finetune,runlocal', '--pretrained_path', 'runs/mae',
+          '--workdir', 'runs/ft', '--num_epochs', '1',
           '--config.data.fake_train_size=64', '--config.data.fake_test_size=32']
-  out = run_command(args)
+  out = run_command(args, cwd=repo, env={'PYTHONPATH': str(repo)})
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'epoch 1/1 step 2:' in out.stdout and 'eval/accuracy' in out.stdout
-  metrics = [json.loads(line) for line in (tmp_path / 'ft' / 'metrics.jsonl').open()]
+  metrics = [json.loads(line) for line in (runs / 'ft' / 'metrics.jsonl').open()]
   assert 0.0 <= metrics[-1]['eval/accuracy'] <= 1.0
-  stored = json.loads((tmp_path / 'ft' / 'config.json').read_text())
+  stored = json.loads((runs / 'ft' / 'config.json').read_text())
   assert stored['optim']['layer_decay'] == 0.75 and stored['drop_path_rate'] == 0.1
   assert stored['mix']['cutmix_alpha'] == 1.0 and stored['randaugment']['num_ops'] == 2
 
-  _, tuned = latest_params(tmp_path / 'ft')
+  _, tuned = latest_params(runs / 'ft')
   change = lambda t: max(float(np.abs(a).max()) for a in jax.tree.leaves(t))
   delta = jax.tree.map(lambda a, b: a - b, tuned['encoder'], pretrained['encoder'])
   # Two AdamW steps move every parameter by about lr * scale per step at most, so
@@ -276,9 +289,10 @@ def test_finetune_command_over_a_tiny_mae(tmp_path):
   for layer, moved in layers.items():
     assert change(moved) / top == pytest.approx(0.75 ** (3 - layer), rel=0.1), layer
 
-  bad = [a if a != str(tmp_path / 'ft') else str(tmp_path / 'bad') for a in args]
-  out = run_command([*bad, '--config.optim.layer_decay=2.0'])
+  bad = [a if a != 'runs/ft' else 'runs/bad' for a in args]
+  out = run_command([*bad, '--config.optim.layer_decay=2.0'], cwd=repo,
+                    env={'PYTHONPATH': str(repo)})
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [
       'error: optim.layer_decay must be in (0, 1], got 2.0.']
-  assert not (tmp_path / 'bad').exists()
+  assert not (runs / 'bad').exists()
