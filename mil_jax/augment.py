@@ -168,9 +168,8 @@ def sharpness(image: jax.Array, level: jax.Array) -> jax.Array:
   """Blends with PIL's SMOOTH-filtered image (3x3, center weight 5 of 13; the
   border rows and columns unfiltered) by ``1 + level * MAX_ENHANCE``."""
   h, w, _ = image.shape
-  windows = jnp.stack([image[dy:h - 2 + dy, dx:w - 2 + dx]
-                       for dy in range(3) for dx in range(3)])
-  smooth = _round((windows.sum(axis=0) + 4.0 * image[1:-1, 1:-1]) / 13.0)
+  window = sum(image[dy:h - 2 + dy, dx:w - 2 + dx] for dy in range(3) for dx in range(3))
+  smooth = _round((window + 4.0 * image[1:-1, 1:-1]) / 13.0)
   degenerate = image.at[1:-1, 1:-1].set(smooth)
   return _blend(degenerate, image, 1.0 + level * MAX_ENHANCE)
 
