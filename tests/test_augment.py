@@ -7,7 +7,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import classifier as classifier_config
 from mil_jax import augment
+from mil_jax.errors import UserError
 
 H = W = 32
 C = (W - 1) / 2  # the center, in pixel indices
@@ -289,3 +291,18 @@ def test_mix_off_returns_the_batch():
   config = ml_collections.ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5))
   got_x, got_t = augment.mix(jax.random.key(0), x, t, config)
   assert got_x is x and got_t is t
+
+
+@pytest.mark.parametrize('block,field,value,message', [
+    ('randaugment', 'magnitude', 11.0, 'magnitude in'),
+    ('randaugment', 'num_ops', -1, 'num_ops >= 0'),
+    ('mix', 'mixup_alpha', -0.5, 'alphas >= 0'),
+    ('mix', 'switch_prob', 1.5, r'switch_prob in \[0, 1\]'),
+    ('mix', 'cutmix_alpha', float('inf'), 'finite'),
+])
+def test_out_of_range_fields_are_user_errors(block, field, value, message):
+  config = classifier_config.get_config('finetune')
+  augment.check(config)  # the recipe itself is fine
+  config[block][field] = value
+  with pytest.raises(UserError, match=message):
+    augment.check(config)
