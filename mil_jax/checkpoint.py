@@ -112,7 +112,7 @@ def find_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
   if step is None:
     raise UserError(f'{path} holds no complete checkpoint; pass a pretraining '
                     'workdir or one of its checkpoints/<step> directories.')
-  return directory, step
+  return directory.absolute(), step  # orbax restores from absolute paths only
 
 
 def verify(directory: pathlib.Path, step: int) -> None:

@@ -19,13 +19,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mil_jax import augment as augment_lib
 from mil_jax import checkpoint, config_checks, models, paths, platform, report, sharding, trainer
 from mil_jax import input_pipeline as ip
 from mil_jax import workdir as workdir_lib
 from mil_jax.errors import UserError
 from mil_jax.metric_writers import MetricWriter, read_metrics
 from mil_jax.models.heads import Classifier, LinearHead, MLPHead
-from mil_jax.optim import make_optimizer
+from mil_jax.optim import layer_decay_rules, make_optimizer
 
 STUDY_HIDDEN = {'fc': 192}  # the study's MLP width; 150 for the others
 FREEZE_RULES = ('encoder/.*',)
@@ -111,6 +112,11 @@ def build_classifier(config: ml_collections.ConfigDict, model_cfg: dict[str, Any
   else:
     hidden = config.head.hidden_dim or STUDY_HIDDEN.get(model_cfg['name'], 150)
     head = MLPHead(num_classes, hidden, dropout_rate=config.head.dropout_rate)
+  if config.drop_path_rate:
+    if model_cfg['name'] != 'mae':
+      raise UserError(f'drop_path_rate drops transformer blocks and the {model_cfg["name"]} '
+                      'encoder has none; set it to 0 or use an mae encoder.')
+    model_cfg = {**model_cfg, 'drop_path_rate': config.drop_path_rate}
   return Classifier(models.build_encoder(model_cfg), head, frozen=config.freeze)
 
 
@@ -164,8 +170,15 @@ def knn_accuracy(train: ip.DeviceSplit, test: ip.DeviceSplit, *, k: int, tempera
 
 def make_task(config: ml_collections.ConfigDict, clf: Classifier, num_classes: int, *,
               on_features: bool, augment: bool) -> tuple[trainer.LossFn, trainer.EvalFn]:
-  """Cross-entropy training and loss/top-1/top-5 evaluation of the classifier."""
+  """Cross-entropy training and loss/top-1/top-5 evaluation of the classifier.
+
+  On images (not ``on_features``) training adds RandAugment after the crop
+  and flip, and mixup / cutmix with soft targets, as ``config.randaugment``
+  and ``config.mix`` ask (``mil_jax.augment``); ``train/accuracy`` counts
+  each image's own label.
+  """
   method = 'classify' if on_features else None
+  augment_lib.check(config)
 
   def logits_of(params, model_state, inputs, train, rngs):
     variables = {'params': params, **model_state}
@@ -177,12 +190,17 @@ def make_task(config: ml_collections.ConfigDict, clf: Classifier, num_classes: i
   def inputs_of(batch, rng, train):
     if on_features:
       return batch
-    return ip.prepare_batch(rng, batch, augment_images=train and augment)
+    if train:
+      return augment_lib.train_images(rng, batch, crop_flip=augment, config=config)
+    return ip.prepare_batch(rng, batch, augment_images=False)
 
   def loss_fn(params, model_state, batch, labels, rngs):
     x = inputs_of(batch, rngs['augment'], True)
-    logits, model_state = logits_of(params, model_state, x, True, {'dropout': rngs['dropout']})
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), config.label_smoothing)
+    if not on_features:
+      x, targets = augment_lib.mix(jax.random.fold_in(rngs['augment'], augment_lib.MIX_KEY), x,
+                                   targets, config.mix)
+    logits, model_state = logits_of(params, model_state, x, True, {'dropout': rngs['dropout']})
     loss = optax.softmax_cross_entropy(logits, targets).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss, ({'train/accuracy': accuracy}, model_state)
@@ -231,6 +249,20 @@ def mesh_model(config: ml_collections.ConfigDict, model_cfg: dict[str, Any]) -> 
   return 'features' if _on_cached_features(config) else model_cfg['name']
 
 
+def _layer_decay(config: ml_collections.ConfigDict,
+                 model_cfg: dict[str, Any]) -> list[tuple[str, float]]:
+  """The learning-rate scale rules of ``config.optim.layer_decay`` (none at 1)."""
+  decay = config.optim.layer_decay
+  if decay == 1.0:
+    return []
+  if not 0.0 < decay < 1.0:
+    raise UserError(f'optim.layer_decay must be in (0, 1], got {decay}.')
+  if model_cfg['name'] != 'mae':
+    raise UserError(f'optim.layer_decay scales the learning rate by transformer block and the '
+                    f'{model_cfg["name"]} encoder has none; set it to 1 or use an mae encoder.')
+  return layer_decay_rules(model_cfg['depth'], decay)
+
+
 def build_trainer(config: ml_collections.ConfigDict, model_cfg: dict[str, Any],
                   encoder_params: Any, train_data: ip.DeviceSplit, eval_data: ip.DeviceSplit,
                   mesh: jax.sharding.Mesh) -> tuple[trainer.Trainer, Any, Any]:
@@ -254,7 +286,8 @@ def build_trainer(config: ml_collections.ConfigDict, model_cfg: dict[str, Any],
   try:
     tx, schedule = make_optimizer(optim_cfg, params, steps_per_epoch=spe,
                                   total_steps=spe * config.num_epochs,
-                                  freeze=FREEZE_RULES if config.freeze else ())
+                                  freeze=FREEZE_RULES if config.freeze else (),
+                                  lr_scales=_layer_decay(config, model_cfg))
   except ValueError as e:
     raise UserError(f'cannot freeze the encoder: {e}.') from None
   loss_fn, eval_fn = make_task(config, clf, num_classes, on_features=cached,

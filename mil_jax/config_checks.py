@@ -118,6 +118,7 @@ def check_pretraining(config: ml_collections.ConfigDict) -> None:
 
 def check_classifier(config: ml_collections.ConfigDict) -> None:
   """Every field of a classifier config (the encoder's come from its checkpoint)."""
+  from mil_jax import augment  # noqa: PLC0415
   if config.mode not in CLASSIFIER_MODES:
     raise UserError(f'unknown mode {config.mode!r}; use {", ".join(CLASSIFIER_MODES)}.')
   check_loop(config)
@@ -129,5 +130,6 @@ def check_classifier(config: ml_collections.ConfigDict) -> None:
   _at_least(config.head, ('hidden_dim',), 0, 'head.')
   _at_least(config.knn, ('k',), 1, 'knn.')
   _positive(config.knn.temperature, 'knn.temperature')
+  augment.check(config)
 
 

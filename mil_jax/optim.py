@@ -2,7 +2,9 @@
 
 Freezing is a partition of the parameters by regex rules over their paths
 (``encoder/.*``): frozen leaves go through ``optax.set_to_zero()``, so they get
-no update, no optimizer state and no weight decay.
+no update, no optimizer state and no weight decay. Layer-wise learning-rate
+decay is another partition by path, each part's update scaled by a constant
+(``layer_decay_rules``).
 """
 from __future__ import annotations
 
@@ -139,8 +141,31 @@ def partition_labels(params: Any, rules: Sequence[tuple[str, str]]) -> Any:
   return labels
 
 
+def layer_decay_rules(depth: int, decay: float,
+                      encoder: str = 'encoder') -> list[tuple[str, float]]:
+  """Learning-rate scales of a ViT classifier's parameters by depth (MAE fine-tuning).
+
+  Layer ids as in the MAE paper's code: the patch embedding, cls token and
+  position embedding are layer 0, transformer block ``i`` is layer ``i + 1``,
+  everything else (the final norm, the head) layer ``depth + 1``. A parameter
+  of layer ``l`` trains at ``lr * decay ** (depth + 1 - l)``: the head at the
+  full rate, each block below it ``decay`` times slower than the one above.
+  Paths are those of ``models.mae.MAEEncoder`` under ``encoder``.
+
+  Returns:
+    ``(regex, scale)`` rules for ``make_optimizer(lr_scales=...)``; the last
+    one, ``'.*'``, catches the top layer.
+  """
+  top = depth + 1
+  rules = [(f'{encoder}/(patch_embed|cls_token|pos_embedding)(/.*)?', decay ** top)]
+  rules += [(f'{encoder}/transformer/block_{i}/.*', decay ** (top - (i + 1)))
+            for i in range(depth)]
+  return [*rules, ('.*', 1.0)]
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, steps_per_epoch: int,
-                   total_steps: int, freeze: Sequence[str] = ()
+                   total_steps: int, freeze: Sequence[str] = (),
+                   lr_scales: Sequence[tuple[str, float]] = ()
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer for ``params``, with the parameters matching ``freeze`` frozen.
 
@@ -150,6 +175,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, steps_per_epo
     steps_per_epoch: optimizer steps per epoch.
     total_steps: optimizer steps in the whole run.
     freeze: regexes over parameter paths whose leaves are not trained.
+    lr_scales: ``(regex, scale)`` rules (the first match of a path wins, every
+      path must match one): each parameter's whole update, weight decay
+      included, is multiplied by its scale, which is a learning rate of
+      ``scale * lr`` (``layer_decay_rules``).
 
   Returns:
     ``(optimizer, schedule)``.
@@ -160,4 +189,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, *, steps_per_epo
     rules = [(rx, FREEZE) for rx in freeze] + [('.*', TRAIN)]
     labels = partition_labels(params, rules)
     opt = optax.multi_transform({TRAIN: opt, FREEZE: optax.set_to_zero()}, labels)
+  if lr_scales:
+    # After the whole optimizer, so that gradient clipping and Adam's moments
+    # see every gradient unscaled, as with per-group learning rates in PyTorch.
+    labels = partition_labels(params, [(rx, str(i)) for i, (rx, _) in enumerate(lr_scales)])
+    scales = {str(i): optax.scale(scale) for i, (_, scale) in enumerate(lr_scales)}
+    opt = optax.chain(opt, optax.multi_transform(scales, labels))
   return opt, schedule

@@ -39,6 +39,8 @@ def _check_mae(cfg: Mapping[str, Any]) -> None:
                     f"{cfg['image_size']}.")
   if not 0.0 <= cfg['mask_ratio'] < 1.0:
     raise UserError(f"mae mask_ratio must be in [0, 1), got {cfg['mask_ratio']}.")
+  if not 0.0 <= cfg['drop_path_rate'] < 1.0:
+    raise UserError(f"mae drop_path_rate must be in [0, 1), got {cfg['drop_path_rate']}.")
   for width, heads in (('width', 'num_heads'), ('decoder_width', 'decoder_num_heads')):
     if cfg[width] % cfg[heads]:
       raise UserError(f'mae {width} {cfg[width]} must be divisible by {heads} {cfg[heads]}.')

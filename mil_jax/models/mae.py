@@ -146,6 +146,8 @@ class MAEEncoder(nn.Module):
     dtype: compute dtype (params stay float32).
     attention: how attention is computed ('auto' | 'xla' | 'cudnn', see
       ``vit.ATTENTION_IMPLEMENTATIONS``).
+    drop_path_rate: stochastic depth of the last block, for fine-tuning
+      (``vit.drop_path_rates``; 'dropout' rng stream when training).
   """
   image_size: int = 32
   patch_size: int = 2
@@ -157,6 +159,7 @@ class MAEEncoder(nn.Module):
   pool: str = 'cls'
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
+  drop_path_rate: float = 0.0
 
   def setup(self):
     grid = self.image_size // self.patch_size
@@ -164,7 +167,8 @@ class MAEEncoder(nn.Module):
     self.cls_token = self.param('cls_token', _token_init, (1, 1, self.width))
     self.pos_embed = _position_embedding(self, self.pos_embedding, grid, self.width)
     self.transformer = vit.Transformer(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
-                                       attention=self.attention)
+                                       attention=self.attention,
+                                       drop_path_rate=self.drop_path_rate)
 
   def encode_visible(self, images: jax.Array, *, mask_ratio: float,
                      train: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -277,6 +281,8 @@ class MAE(nn.Module):
       reconstruction is mapped back to pixels with the input patches' stats.
     dtype: compute dtype.
     attention: how attention is computed ('auto' | 'xla' | 'cudnn').
+    drop_path_rate: the encoder's stochastic depth (0 in pretraining; the
+      field exists so that an encoder config always builds its autoencoder).
   """
   image_size: int = 32
   patch_size: int = 2
@@ -294,13 +300,14 @@ class MAE(nn.Module):
   pool: str = 'cls'
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
+  drop_path_rate: float = 0.0
 
   def setup(self):
     self.encoder = MAEEncoder(
         image_size=self.image_size, patch_size=self.patch_size, width=self.width,
         depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         pos_embedding=self.pos_embedding, pool=self.pool, dtype=self.dtype,
-        attention=self.attention)
+        attention=self.attention, drop_path_rate=self.drop_path_rate)
     self.decoder = MAEDecoder(
         image_size=self.image_size, patch_size=self.patch_size, width=self.decoder_width,
         depth=self.decoder_depth, num_heads=self.decoder_num_heads,

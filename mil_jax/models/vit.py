@@ -203,6 +203,29 @@ class MlpBlock(nn.Module):
     return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init, name='fc_2')(y)
 
 
+class DropPath(nn.Module):
+  """Stochastic depth: drops a residual branch for whole examples at random.
+
+  At train time each example's branch is kept with probability ``1 - rate``
+  and then scaled by ``1 / (1 - rate)``, so its expectation is unchanged; at
+  eval time, and at rate 0, the branch passes through untouched. The draws
+  come from the ``'dropout'`` rng stream.
+
+  Attributes:
+    rate: probability of dropping an example's branch, in [0, 1).
+  """
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """[B, ...] -> [B, ...]; rows zeroed or scaled by 1 / (1 - rate)."""
+    if not train or self.rate == 0.0:
+      return x
+    keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.rate,
+                                (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
+
+
 class EncoderBlock(nn.Module):
   """One pre-LN transformer block.
 
@@ -211,20 +234,30 @@ class EncoderBlock(nn.Module):
     mlp_dim: hidden width of the MLP.
     dtype: compute dtype.
     attention: how attention is computed ('auto' | 'xla' | 'cudnn').
+    drop_path_rate: stochastic depth of both residual branches (``DropPath``).
   """
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
+  drop_path_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """[B, T, D] -> [B, T, D]."""
     y = nn.LayerNorm(dtype=self.dtype, name='norm_1')(x)
-    x = x + MultiHeadAttention(self.num_heads, dtype=self.dtype, implementation=self.attention,
-                               name='attn')(y, train=train)
+    y = MultiHeadAttention(self.num_heads, dtype=self.dtype, implementation=self.attention,
+                           name='attn')(y, train=train)
+    x = x + DropPath(self.drop_path_rate, name='drop_path_1')(y, train=train)
     y = nn.LayerNorm(dtype=self.dtype, name='norm_2')(x)
-    return x + MlpBlock(self.mlp_dim, dtype=self.dtype, name='mlp')(y, train=train)
+    y = MlpBlock(self.mlp_dim, dtype=self.dtype, name='mlp')(y, train=train)
+    return x + DropPath(self.drop_path_rate, name='drop_path_2')(y, train=train)
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+  """Stochastic depth per block, rising linearly from 0 at the first block to
+  ``rate`` at the last (the MAE fine-tuning rule: deeper blocks are dropped more)."""
+  return [rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
 class Transformer(nn.Module):
@@ -236,19 +269,21 @@ class Transformer(nn.Module):
     mlp_dim: hidden width of each block's MLP.
     dtype: compute dtype.
     attention: how attention is computed ('auto' | 'xla' | 'cudnn').
+    drop_path_rate: stochastic depth of the last block (``drop_path_rates``).
   """
   depth: int
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
+  drop_path_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """[B, T, D] -> [B, T, D], normalized."""
-    for i in range(self.depth):
+    for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
       x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype, attention=self.attention,
-                       name=f'block_{i}')(x, train=train)
+                       drop_path_rate=rate, name=f'block_{i}')(x, train=train)
     return nn.LayerNorm(dtype=self.dtype, name='norm')(x)
 
 
