@@ -86,6 +86,17 @@ def read_checkpoint_item(step_dir: pathlib.Path, item: str = 'params'):
     return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
+def assert_picture(path: pathlib.Path, min_side: int = 200) -> None:
+  """``path`` is a PNG that decodes to a picture of at least ``min_side`` pixels a
+  side with something drawn on it (not one flat colour)."""
+  import matplotlib.image  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', f'{path} is not a PNG'
+  pixels = matplotlib.image.imread(path)
+  assert pixels.ndim == 3 and min(pixels.shape[:2]) >= min_side, (path, pixels.shape)
+  assert len(np.unique(pixels[..., :3].reshape(-1, 3), axis=0)) > 10, f'{path} is blank'
+
+
 def pretrain_tiny_conv(workdir: pathlib.Path) -> pathlib.Path:
   """Pretrains a tiny Conv autoencoder for one epoch on fake data into ``workdir``."""
   from configs import conv as conv_config  # noqa: PLC0415
