@@ -86,15 +86,21 @@ def read_checkpoint_item(step_dir: pathlib.Path, item: str = 'params'):
     return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def assert_picture(path: pathlib.Path, min_side: int = 200) -> None:
-  """``path`` is a PNG that decodes to a picture of at least ``min_side`` pixels a
-  side with something drawn on it (not one flat colour)."""
+def assert_picture(path: pathlib.Path, min_side: int = 200, curves: int = 0) -> None:
+  """``path`` is a PNG of at least ``min_side`` pixels a side with something drawn
+  on it, and, for a plot, each of its first ``curves`` lines in matplotlib's
+  default colours (C0 blue, C1 orange, ...) on at least 20 pixels."""
+  import matplotlib  # noqa: PLC0415
   import matplotlib.image  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', f'{path} is not a PNG'
   pixels = matplotlib.image.imread(path)
   assert pixels.ndim == 3 and min(pixels.shape[:2]) >= min_side, (path, pixels.shape)
-  assert len(np.unique(pixels[..., :3].reshape(-1, 3), axis=0)) > 10, f'{path} is blank'
+  rgb = np.round(pixels[..., :3] * 255).astype(np.int32)
+  assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 10, f'{path} is blank'
+  for colour in matplotlib.rcParams['axes.prop_cycle'].by_key()['color'][:curves]:
+    want = np.round(np.array(matplotlib.colors.to_rgb(colour)) * 255).astype(np.int32)
+    assert np.all(rgb == want, axis=-1).sum() >= 20, f'{path} has no curve in {colour}'
 
 
 def pretrain_tiny_conv(workdir: pathlib.Path) -> pathlib.Path:

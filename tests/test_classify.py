@@ -172,7 +172,7 @@ def test_from_scratch_needs_no_checkpoint(tmp_path):
                       model_type='conv:192,runlocal', num_epochs=1, runs_dir=str(tmp_path))
   final = classify.train_and_evaluate(config, None)
   workdir = tmp_path / 'classify_fine_tune_tuned_conv'
-  assert_picture(workdir / 'accuracy.png')
+  assert_picture(workdir / 'accuracy.png', curves=2)
   assert 0.0 <= final['eval/accuracy'] <= 1.0
   last = read_metrics(workdir)[-1]
   assert last['epoch'] == 1.0
@@ -244,7 +244,7 @@ def test_command_line(tmp_path, pretrained):
                      '--config.data.fake_train_size=256', f'--workdir={tmp_path / "scratch"}'])
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'encoder: conv from a fresh conv:192,runlocal encoder' in out.stdout
-  assert_picture(tmp_path / 'scratch' / 'accuracy.png')
+  assert_picture(tmp_path / 'scratch' / 'accuracy.png', curves=2)
   assert read_metrics(tmp_path / 'scratch')[-1]['epoch'] == 1.0
   out = run_command([*args, '--from_scratch', '--type', 'conv', '--freeze'])
   assert out.returncode == 2

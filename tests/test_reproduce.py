@@ -89,7 +89,7 @@ def test_runlocal_grid_end_to_end(tmp_path):
   mae = lines[-1].split(' | ')
   assert re.fullmatch(r'\.\d{3}', mae[1]), mae                  # the reference has none
   assert_picture(tmp_path / 'report.png')
-  assert_picture(tmp_path / 'classify' / 'mae' / 'mlp_tune' / 'accuracy.png')
+  assert_picture(tmp_path / 'classify' / 'mae' / 'mlp_tune' / 'accuracy.png', curves=2)
   mlp_tune = json.loads((tmp_path / 'classify' / 'mae' / 'mlp_tune' / 'metrics.jsonl')
                         .read_text().splitlines()[-1])
   assert mlp_tune['eval/accuracy'] == pytest.approx(
