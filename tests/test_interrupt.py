@@ -56,21 +56,25 @@ def test_sigkill_at_named_points_then_rerun_is_bit_identical(tmp_path, model):
   for point, spec, on_disk in KILLS:
     before = checkpoint_steps(cut)
     out = run_command(['tests/kill_at.py', spec, *args, f'--workdir={cut}'])
-    assert out.returncode == -signal.SIGKILL, (point, out.stdout[-2000:], out.stderr[-3000:])
+    assert out.returncode == -signal.SIGKILL, (
+        f'the run after the SIGKILL {previous} ended ({out.returncode}) before the SIGKILL '
+        f'{point}', out.stdout[-2000:], out.stderr[-3000:])
     if before:
       assert f'resuming from step {before[-1]}' in out.stdout, (point, out.stdout)
     assert checkpoint_steps(cut) == on_disk, point
     for step in sorted(set(on_disk) - set(before)):
-      assert_same_checkpoint(whole, cut, step, previous)
+      assert_same_checkpoint(whole, cut, step, f'{previous}, resumed from step '
+                             f'{before[-1] if before else 0}')
     previous = point
   assert list((cut / 'checkpoints').glob('11.orbax-checkpoint-tmp*')) == [], (
       'the rerun after the SIGKILL during a save left its temporary directory')
 
   out = run_command([*args, f'--workdir={cut}'])
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert 'resuming from step 11' in out.stdout
+  assert out.returncode == 0, (f'the rerun after the SIGKILL {previous} failed',
+                               out.stderr[-3000:])
+  assert 'resuming from step 11' in out.stdout, out.stdout
   assert checkpoint_steps(cut) == ALL_STEPS
-  assert_same_checkpoint(whole, cut, 16, previous)
+  assert_same_checkpoint(whole, cut, 16, f'{previous}, resumed from step 11')
   assert last_epoch(out.stdout) == whole_summary
 
 
