@@ -83,6 +83,52 @@ def latest_params(workdir: pathlib.Path):
   return step, checkpoint.restore_params(directory, step)
 
 
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  """The steps of a run's complete checkpoints, read off the directory names.
+
+  Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it when
+  complete, so only complete ones have a plain number as their name.
+  """
+  directory = workdir / 'checkpoints'
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def read_checkpoint_item(step_dir: pathlib.Path, item: str = 'params'):
+  """One item of a checkpoint as numpy arrays, read by orbax alone.
+
+  Independent of ``mil_jax.checkpoint``, whose restore the tests check: the
+  tree comes from the saved metadata and every leaf is restored as a host
+  array, whatever devices saved it.
+  """
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  path = pathlib.Path(step_dir).absolute() / item
+  tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  with ocp.PyTreeCheckpointer() as reader:
+    return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def assert_picture(path: pathlib.Path, min_side: int = 200, curves: int = 0) -> None:
+  """``path`` is a PNG of at least ``min_side`` pixels a side with something drawn
+  on it, and, for a plot, each of its first ``curves`` lines in matplotlib's
+  default colours (C0 blue, C1 orange, ...) on at least 20 pixels."""
+  import matplotlib  # noqa: PLC0415
+  import matplotlib.image  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', f'{path} is not a PNG'
+  pixels = matplotlib.image.imread(path)
+  assert pixels.ndim == 3 and min(pixels.shape[:2]) >= min_side, (path, pixels.shape)
+  rgb = np.round(pixels[..., :3] * 255).astype(np.int32)
+  assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 10, f'{path} is blank'
+  for colour in matplotlib.rcParams['axes.prop_cycle'].by_key()['color'][:curves]:
+    want = np.round(np.array(matplotlib.colors.to_rgb(colour)) * 255).astype(np.int32)
+    assert np.all(rgb == want, axis=-1).sum() >= 20, f'{path} has no curve in {colour}'
+
+
 def pretrain_tiny_conv(workdir: pathlib.Path) -> pathlib.Path:
   """Pretrains a tiny Conv autoencoder for one epoch on fake data into ``workdir``."""
   from configs import conv as conv_config  # noqa: PLC0415

@@ -1,4 +1,5 @@
 """Tests of the classifier stage: freezing, caching, heads, kNN, checkpoints, errors."""
+import json
 import os
 import shutil
 import time
@@ -8,10 +9,18 @@ import numpy as np
 import pytest
 
 from configs import classifier as classifier_config
-from mil_jax import checkpoint, classify, optim, sharding
+from mil_jax import classify, optim, sharding
+from mil_jax import input_pipeline as ip
 from mil_jax.errors import UserError
+from mil_jax.metric_writers import read_metrics
 
-from .conftest import latest_params, run_command
+from .conftest import (
+  assert_picture,
+  checkpoint_steps,
+  latest_params,
+  read_checkpoint_item,
+  run_command,
+)
 
 CLASSIFY_SCRIPT = 'train_classifier.py'
 
@@ -26,21 +35,29 @@ def clf_config(pretrained, **fields):
 
 
 def pretrained_encoder(pretrained):
-  directory, step = checkpoint.find_checkpoint(pretrained)
-  return checkpoint.restore_params(directory, step)['encoder']
+  """The encoder of the fixture's pretraining run (one checkpoint), read by orbax alone."""
+  [step] = checkpoint_steps(pretrained)
+  return read_checkpoint_item(pretrained / 'checkpoints' / str(step))['encoder']
 
 
-def test_frozen_probe_keeps_encoder_bit_identical(tmp_path, pretrained):
-  config = clf_config(pretrained, mode='probing', freeze=True)
+@pytest.mark.parametrize('augment', [False, True], ids=['plain', 'augment'])
+@pytest.mark.parametrize('cache', [True, False], ids=['cached', 'not_cached'])
+@pytest.mark.parametrize('mode', ['probing', 'fine_tune'])
+def test_frozen_encoder_stays_bit_identical(tmp_path, pretrained, mode, cache, augment):
+  config = clf_config(pretrained, mode=mode, freeze=True, cache_features=cache, num_epochs=1)
+  config.data.update(augment=augment, fake_train_size=64, fake_test_size=32)
   final = classify.train_and_evaluate(config, tmp_path)
-  _, params = latest_params(tmp_path)
+  # Both sides read by orbax alone.
+  want = pretrained_encoder(pretrained)
+  params = read_checkpoint_item(tmp_path / 'checkpoints' / str(checkpoint_steps(tmp_path)[-1]))
   assert set(params) == {'encoder', 'head'}
-  jax.tree.map(np.testing.assert_array_equal, params['encoder'], pretrained_encoder(pretrained))
+  jax.tree.map(np.testing.assert_array_equal, params['encoder'], want)
+  # ...while the head did train.
   model_cfg, _, _ = classify.resolve_encoder(config)
   clf = classify.build_classifier(config, model_cfg, 10)
   init, _ = classify._init(clf, config, None, sharding.make_mesh())
-  assert not np.allclose(params['head']['dense']['kernel'], init['head']['dense']['kernel'])
-  assert (tmp_path / 'accuracy.png').stat().st_size > 0
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), params['head'], init['head'])
+  assert all(jax.tree.leaves(moved))
   assert 0.0 <= final['eval/accuracy'] <= final['eval/top5'] <= 1.0
 
 
@@ -97,14 +114,69 @@ def test_linear_probe_learns_fake_classes(tmp_path, pretrained):
 def test_knn_beats_chance(tmp_path, pretrained):
   final = classify.train_and_evaluate(clf_config(pretrained, mode='knn'), tmp_path)
   assert final['eval/knn_accuracy'] > 0.5  # 10 classes: chance is 0.1
+  assert read_metrics(tmp_path) == [{'step': 0, 'epoch': 0.0,
+                                     'eval/knn_accuracy': final['eval/knn_accuracy']}]
+
+
+def brute_force_knn_hits(train_f, train_y, test_f, test_y, *, k, temperature, num_classes):
+  """Per test row, whether weighted k-NN is right: float64, one row at a time.
+
+  Returns ``(hits [T] bool, the smallest gap between the k-th and the next
+  similarity, the smallest relative gap between the two best classes' votes)``;
+  the gaps show that float32 rounding in the code under test cannot change
+  a neighbour or a winner.
+  """
+  unit = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)
+  sims = unit(test_f.astype(np.float64)) @ unit(train_f.astype(np.float64)).T
+  k = min(k, len(train_f))
+  hits, neighbour_gap, vote_gap = [], np.inf, np.inf
+  for row, label in zip(sims, test_y):
+    order = np.argsort(-row)
+    if k < len(row):
+      neighbour_gap = min(neighbour_gap, row[order[k - 1]] - row[order[k]])
+    votes = np.zeros(num_classes)
+    for j in order[:k]:
+      votes[train_y[j]] += np.exp(row[j] / temperature)
+    first, second = np.sort(votes)[::-1][:2]
+    vote_gap = min(vote_gap, (first - second) / first)
+    hits.append(int(np.argmax(votes)) == label)
+  return np.array(hits), neighbour_gap, vote_gap
+
+
+@pytest.mark.parametrize('k', [500, 7], ids=['k_above_train_size', 'k_7'])
+def test_knn_accuracy_equals_brute_force(k):
+  rng = np.random.default_rng(3)
+  num_classes, temperature, batch = 5, 0.07, 16
+  train_f = rng.normal(size=(50, 24)) * rng.uniform(0.1, 10.0, size=(50, 1))  # varied norms
+  test_f = rng.normal(size=(37, 24)) * rng.uniform(0.1, 10.0, size=(37, 1))   # 37 = 2 x 16 + 5
+  train_y, test_y = rng.integers(0, num_classes, 50), rng.integers(0, num_classes, 37)
+  # The last test row, the one the padding of the last batch repeats, is a
+  # near copy of a training row of its class: a sure hit, so counting its
+  # padded copies would move the accuracy.
+  test_f[-1], test_y[-1] = 3.0 * train_f[4] + 0.01 * rng.normal(size=24), train_y[4]
+  hits, neighbour_gap, vote_gap = brute_force_knn_hits(
+      train_f, train_y, test_f, test_y, k=k, temperature=temperature, num_classes=num_classes)
+  assert hits[-1] and 0 < hits.mean() < 1
+  assert neighbour_gap > 1e-4 and vote_gap > 1e-3
+
+  mesh = sharding.make_mesh()
+  split = lambda f, y: ip.DeviceSplit.create(
+      ip.Split(f.astype(np.float32), y.astype(np.int32), num_classes), mesh)
+  accuracy = classify.knn_accuracy(split(train_f, train_y), split(test_f, test_y), k=k,
+                                   temperature=temperature, batch_size=batch)
+  assert float(accuracy) == np.float32(hits.sum()) / np.float32(len(hits))
 
 
 def test_from_scratch_needs_no_checkpoint(tmp_path):
   config = clf_config('', mode='fine_tune', freeze=False, from_scratch=True,
                       model_type='conv:192,runlocal', num_epochs=1, runs_dir=str(tmp_path))
   final = classify.train_and_evaluate(config, None)
-  assert (tmp_path / 'classify_fine_tune_tuned_conv' / 'accuracy.png').exists()
+  workdir = tmp_path / 'classify_fine_tune_tuned_conv'
+  assert_picture(workdir / 'accuracy.png', curves=2)
   assert 0.0 <= final['eval/accuracy'] <= 1.0
+  last = read_metrics(workdir)[-1]
+  assert last['epoch'] == 1.0
+  assert {k: last[k] for k in final} == pytest.approx(final, rel=1e-6)
 
 
 def test_attention_choice_of_the_pretraining_run_is_not_inherited(tmp_path):
@@ -159,13 +231,21 @@ def test_command_line(tmp_path, pretrained):
   out = run_command(args)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f'using the newest pretraining run: {runs / "pretrain_conv"}' in out.stdout
-  assert (runs / 'classify_probing_frozen_conv' / 'metrics.jsonl').exists()
+  workdir = runs / 'classify_probing_frozen_conv'
+  assert f'encoder: conv from {runs / "pretrain_conv" / "checkpoints" / "4"}' in out.stdout
+  stored = json.loads((workdir / 'config.json').read_text())
+  assert (stored['mode'], stored['freeze'], stored['num_epochs']) == ('probing', True, 1)
+  last = read_metrics(workdir)[-1]
+  assert last['epoch'] == 1.0 and 0.0 <= last['eval/accuracy'] <= last['eval/top5'] <= 1.0
+  assert f"eval/accuracy {last['eval/accuracy']:.4g}" in out.stdout
   # --type names the encoder here (it picks the config only in train_pretrain.py).
   out = run_command([CLASSIFY_SCRIPT, '--mode', 'fine_tune', '--from_scratch', '--type',
                      'conv:192,runlocal', '--num_epochs', '1', '--config.data.source=fake',
                      '--config.data.fake_train_size=256', f'--workdir={tmp_path / "scratch"}'])
   assert out.returncode == 0, out.stderr[-3000:]
-  assert (tmp_path / 'scratch' / 'accuracy.png').exists()
+  assert 'encoder: conv from a fresh conv:192,runlocal encoder' in out.stdout
+  assert_picture(tmp_path / 'scratch' / 'accuracy.png', curves=2)
+  assert read_metrics(tmp_path / 'scratch')[-1]['epoch'] == 1.0
   out = run_command([*args, '--from_scratch', '--type', 'conv', '--freeze'])
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [

@@ -46,6 +46,32 @@ def test_tfds_cifar100_through_mock(monkeypatch):
   assert 0 <= split.labels.min() and split.labels.max() < 100
 
 
+def test_tfds_prepared_directory_with_split_slicing(tmp_path):
+  """A CIFAR-10 written on disk by TFDS itself, read through data_dir by the registered builder."""
+  import tensorflow_datasets as tfds
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, 50)
+  cifar10 = tfds.builder('cifar10', data_dir=str(tmp_path / 'unused'))
+  examples = lambda rows: [(i, {'id': f'{i:05d}', 'image': images[i], 'label': int(labels[i])})
+                           for i in rows]
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name='cifar10', version=str(cifar10.version), features=cifar10.info.features,
+      split_datasets={'train': examples(range(40)), 'test': examples(range(40, 50))},
+      data_dir=str(tmp_path / 'tfds'), disable_shuffling=True)
+  assert type(tfds.builder('cifar10', data_dir=str(tmp_path / 'tfds'))) is type(cifar10)
+
+  cfg = _data(source='tfds:cifar10', data_dir=str(tmp_path / 'tfds'), download=False)
+  for split, rows in [('train[10:30]', slice(10, 30)), ('train[:25%]', slice(0, 10)),
+                      ('train[-5:]', slice(35, 40)), ('test', slice(40, 50))]:
+    got = ip.load_split(cfg, split)
+    np.testing.assert_array_equal(got.images, images[rows], err_msg=split)
+    np.testing.assert_array_equal(got.labels, labels[rows], err_msg=split)
+    assert got.labels.dtype == np.int32 and got.num_classes == 10
+  with pytest.raises(UserError, match="no split 'validation'"):
+    ip.load_split(cfg, 'validation')
+
+
 def test_tfds_not_prepared_without_download(tmp_path):
   with pytest.raises(UserError, match='not prepared'):
     ip.load_split(_data(data_dir=str(tmp_path), download=False), 'train')

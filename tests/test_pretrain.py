@@ -13,7 +13,7 @@ from configs import mae as mae_config
 from mil_jax import checkpoint, models, pretrain, sharding, trainer
 from mil_jax.metric_writers import read_metrics
 
-from .conftest import latest_params, run_command
+from .conftest import assert_picture, latest_params, run_command
 
 
 def tiny(module, variant, optimizer='adam', **loop):
@@ -46,9 +46,11 @@ def test_pretrain_end_to_end(tmp_path, module, variant, epochs):
   assert all(k in final for k in ('eval/mse', 'eval/psnr'))
   step_records = [r for r in records if 'train/lr' in r]
   assert step_records and all(r['train/grad_norm'] > 0 for r in step_records)
-  for name in ('loss.png', 'reconstructions.png', 'config.json', 'metrics.jsonl'):
-    assert (tmp_path / name).stat().st_size > 0, name
-  assert list(tmp_path.glob('events.out.tfevents.*'))
+  assert_picture(tmp_path / 'loss.png', curves=2)  # train and eval loss
+  assert_picture(tmp_path / 'reconstructions.png', min_side=100)
+  [events] = tmp_path.glob('events.out.tfevents.*')
+  for tag in (b'train/loss', b'eval/loss', b'eval/psnr'):
+    assert tag in events.read_bytes(), tag
   assert json.loads((tmp_path / 'config.json').read_text())['model']['name'] == config.model.name
   step, params = latest_params(tmp_path)
   assert step == 4 * epochs and set(params) == {'encoder', 'decoder'}

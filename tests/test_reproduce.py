@@ -8,7 +8,7 @@ from configs import reproduce as reproduce_config
 from mil_jax import classify, reproduce
 from mil_jax.errors import UserError
 
-from .conftest import run_command
+from .conftest import assert_picture, run_command
 
 # Compile time dominates these tiny runs (the Conv train step takes XLA:CPU the
 # longest); its cheapest backend optimization level compiles ~40% faster.
@@ -88,8 +88,12 @@ def test_runlocal_grid_end_to_end(tmp_path):
   assert re.fullmatch(r'\.\d{3} \(\.186\)', fc_l1[1]), fc_l1   # ours (the reference's)
   mae = lines[-1].split(' | ')
   assert re.fullmatch(r'\.\d{3}', mae[1]), mae                  # the reference has none
-  assert (tmp_path / 'report.png').stat().st_size > 10_000
-  assert (tmp_path / 'classify' / 'mae' / 'mlp_tune' / 'accuracy.png').exists()
+  assert_picture(tmp_path / 'report.png')
+  assert_picture(tmp_path / 'classify' / 'mae' / 'mlp_tune' / 'accuracy.png', curves=2)
+  mlp_tune = json.loads((tmp_path / 'classify' / 'mae' / 'mlp_tune' / 'metrics.jsonl')
+                        .read_text().splitlines()[-1])
+  assert mlp_tune['eval/accuracy'] == pytest.approx(
+      results['cells']['mae/mlp_tune']['metrics']['eval/accuracy'], rel=1e-6)
 
 
 def test_failed_cell_is_recorded_and_rerun_skips_finished(tmp_path, monkeypatch):
@@ -111,7 +115,7 @@ def test_failed_cell_is_recorded_and_rerun_skips_finished(tmp_path, monkeypatch)
   assert cells['fc_l1/pretrain']['status'] == cells['fc_l1/no_pretrain']['status'] == 'ok'
   table = (tmp_path / 'results.md').read_text()
   assert '| failed (.190) |' in table and 'a bug in one cell' in table
-  assert (tmp_path / 'report.png').exists()
+  assert_picture(tmp_path / 'report.png')
   monkeypatch.undo()
 
   # The command line reruns the failed cell only, with the same config.
@@ -126,14 +130,34 @@ def test_failed_cell_is_recorded_and_rerun_skips_finished(tmp_path, monkeypatch)
     assert after[key] == before[key]  # untouched, not rerun
 
 
-def test_pretraining_failure_skips_its_row_but_not_no_pretrain(tmp_path):
-  grid = small_grid()
-  grid.row.fc_l1.overrides.batch_size = 1000  # more than the 128 fake images
-  results = reproduce.run_grid(grid, tmp_path)['cells']
-  assert results['fc_l1/pretrain']['status'] == 'failed'
-  assert 'fewer than one batch' in results['fc_l1/pretrain']['error']
-  assert results['fc_l1/linear_frozen']['error'].startswith('not run: the pretraining')
-  assert results['fc_l1/no_pretrain']['status'] == 'ok'
+def test_failing_cells_make_the_command_exit_1_and_the_others_still_run(tmp_path):
+  # The MAE row asks for cuDNN attention, which the float32 runlocal MAE
+  # cannot have anywhere: its pretraining and its No pretrain cell fail
+  # inside the cell (the grid's own config is fine), the FC row runs.
+  out = run_command(['-m', 'mil_jax.reproduce', '--config', 'configs/reproduce.py:runlocal',
+                     *SMALL, '--config.rows=fc_l1,mae',
+                     '--config.row.mae.pretrain=mae:fast,runlocal,attention=cudnn',
+                     f'--workdir={tmp_path}'], env=FAST_COMPILE)
+  assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+  failed = 'mae/linear_frozen, mae/no_pretrain, mae/pretrain'
+  assert f'3 of 6 cells failed ({failed}); their errors are in results.md' in out.stdout
+  assert 'Traceback' not in out.stderr
+  cells = json.loads((tmp_path / 'results.json').read_text())['cells']
+  assert set(cells) == {f'{r}/{c}' for r in ('fc_l1', 'mae')
+                        for c in ('pretrain', 'no_pretrain', 'linear_frozen')}
+  for key in ('mae/pretrain', 'mae/no_pretrain'):
+    assert cells[key]['status'] == 'failed', key
+    assert cells[key]['error'].startswith("UserError: mae attention 'cudnn' needs"), key
+  assert cells['mae/linear_frozen']['error'] == (
+      'not run: the pretraining of this row failed.')
+  for key in ('fc_l1/pretrain', 'fc_l1/no_pretrain', 'fc_l1/linear_frozen'):
+    assert cells[key]['status'] == 'ok' and cells[key]['error'] is None, key
+    assert cells[key]['metrics'], key
+  assert 0.0 <= cells['fc_l1/linear_frozen']['metrics']['eval/accuracy'] <= 1.0
+  table = (tmp_path / 'results.md').read_text()
+  assert '| MAE | failed | failed (.088) | failed |' in table
+  assert "- `mae/pretrain`: UserError: mae attention 'cudnn' needs" in table
+  assert_picture(tmp_path / 'report.png')
 
 
 def test_command_line_mistakes_exit_2(tmp_path):
