@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mil_jax.errors import UserError
-from mil_jax.models import conv_ae, fc_ae, mae, vit
+from mil_jax.models import conv_ae, fc_ae, mae, masked_unet, vit
 
 
 def _check_conv(cfg: Mapping[str, Any]) -> None:
@@ -63,6 +63,21 @@ def _check_mae(cfg: Mapping[str, Any]) -> None:
             f"multiple of 8 up to 128 ({width} / {heads} is {head_dim}); use attention 'auto'.")
 
 
+def _check_masked_unet(cfg: Mapping[str, Any]) -> None:
+  if not 1 <= cfg['num_layers'] <= 5:
+    raise UserError(f"masked_unet num_layers must be 1 to 5 for 32x32 images, "
+                    f"got {cfg['num_layers']}.")
+  if cfg['channel_factor'] < 1 or cfg['start_filters'] < 1:
+    raise UserError('masked_unet channel_factor and start_filters must be positive integers.')
+  if 32 % cfg['patch_size']:
+    raise UserError(f"masked_unet patch_size {cfg['patch_size']} must divide the image side 32.")
+  if not 0.0 <= cfg['mask_ratio'] < 1.0:
+    raise UserError(f"masked_unet mask_ratio must be in [0, 1), got {cfg['mask_ratio']}.")
+  if cfg['mask_fill'] not in masked_unet.MASK_FILLS:
+    raise UserError(f"masked_unet mask_fill must be one of {', '.join(masked_unet.MASK_FILLS)}, "
+                    f"got {cfg['mask_fill']!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
   autoencoder: type[nn.Module]
@@ -74,6 +89,8 @@ MODELS: dict[str, _Entry] = {
     'fc': _Entry(fc_ae.FCAutoencoder, fc_ae.FCEncoder, _check_fc),
     'conv': _Entry(conv_ae.ConvAutoencoder, conv_ae.ConvEncoder, _check_conv),
     'mae': _Entry(mae.MAE, mae.MAEEncoder, _check_mae),
+    'masked_unet': _Entry(masked_unet.MaskedUNet, masked_unet.MaskedUNetEncoder,
+                          _check_masked_unet),
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -107,7 +124,7 @@ def _resolve(model_config: Mapping[str, Any]) -> tuple[_Entry, dict[str, Any]]:
 
 
 def build_autoencoder(model_config: Mapping[str, Any]) -> nn.Module:
-  """The autoencoder named by ``model_config.name`` ('fc' | 'conv' | 'mae').
+  """The autoencoder named by ``model_config.name`` ('fc' | 'conv' | 'mae' | 'masked_unet').
 
   Its params are ``{'encoder': ..., 'decoder': ...}``; ``apply(v, x,
   train=...)`` returns ``(reconstruction [B, 32, 32, 3], aux)`` and
