@@ -295,7 +295,7 @@ def results_markdown(grid: ml_collections.ConfigDict, results: dict[str, Any]) -
   rows = _keys(grid.rows, grid.row, 'row')
   columns = _keys(grid.columns, grid.column, 'column')
   head = ['', *(grid.column[c].label for c in columns)]
-  head += ['kNN'] * grid.knn + ['PSNR (dB)']
+  head += ['kNN'] * grid.knn + ['PSNR (dB)', 'masked PSNR (dB)']
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for row in rows:
     cells = [grid.row[row].label]
@@ -307,8 +307,9 @@ def results_markdown(grid: ml_collections.ConfigDict, results: dict[str, Any]) -
     if grid.knn:
       value = _metric(results, f'{row}/{KNN}', 'eval/knn_accuracy')
       cells.append(value if isinstance(value, str) else _fmt(value))
-    psnr = _metric(results, f'{row}/{PRETRAIN}', 'eval/psnr')
-    cells.append(psnr if isinstance(psnr, str) else '—' if psnr is None else f'{psnr:.2f}')
+    for name in ('eval/psnr', 'eval/masked_psnr'):  # the latter only for masking models
+      psnr = _metric(results, f'{row}/{PRETRAIN}', name)
+      cells.append(psnr if isinstance(psnr, str) else '—' if psnr is None else f'{psnr:.2f}')
     lines.append('| ' + ' | '.join(cells) + ' |')
 
   records = list(results['cells'].values())
@@ -320,7 +321,9 @@ def results_markdown(grid: ml_collections.ConfigDict, results: dict[str, Any]) -
       f'Top-1 accuracy on `{data.source}` {data.eval_split} (trained on {data.train_split}); '
       'in parentheses the reference study\'s CIFAR-100 test top-1 (reference/SEED.md). '
       'kNN: weighted k-nearest-neighbour top-1 of the encoder\'s features; PSNR: '
-      'reconstruction of the held-out images by the autoencoder. — : not run (yet).', '',
+      'reconstruction of the held-out images by the autoencoder (a masking model keeps the '
+      'visible pixels of its input); masked PSNR: the removed pixels alone, for the masking '
+      'models. — : not run (yet), or no such number.', '',
       *lines, '',
       f'Cells: {sum(r["status"] == "ok" for r in records)} finished, '
       f'{sum(r["status"] != "ok" for r in records)} failed; '
