@@ -78,8 +78,9 @@ ROWS = (
 _CONV_BUDGET = ('fc_l1', 'fc_l2', 'conv_192', 'conv_256', 'masked_unet')
 
 
-def _row(label: str, pretrain: str, reference: tuple[float | None, ...]
-         ) -> ml_collections.ConfigDict:
+def row_config(label: str, pretrain: str, reference: tuple[float | None, ...]
+               ) -> ml_collections.ConfigDict:
+  """A row: its label, its pretraining config 'file:variant' and the study's top-1 per column."""
   refs = {key: ref for (key, *_), ref in zip(COLUMNS, reference, strict=True) if ref is not None}
   return ml_collections.ConfigDict(dict(
       label=label,                 # the row's name in results.md and report.png
@@ -110,7 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rows = ','.join(key for key, *_ in ROWS)        # which rows run, in order
   config.columns = ','.join(key for key, *_ in COLUMNS)  # which columns run, in order
   config.knn = True                # a kNN accuracy cell per row
-  config.row = ml_collections.ConfigDict({key: _row(*rest) for key, *rest in ROWS})
+  config.row = ml_collections.ConfigDict({key: row_config(*rest) for key, *rest in ROWS})
   config.column = ml_collections.ConfigDict({key: _column(*rest) for key, *rest in COLUMNS})
   config.classifier = 'seed'       # configs/classifier.py variant of every classifier cell
   config.classifier_epochs = 40    # 0 = the classifier config's

@@ -149,3 +149,43 @@ def build_encoder(model_config: Mapping[str, Any]) -> nn.Module:
   entry, kwargs = _resolve(model_config)
   fields = _module_fields(entry.encoder)
   return entry.encoder(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+# The models are built for CIFAR images; the count does not depend on batch.
+_IMAGES = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+
+
+def _count(tree: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def summarize(model_config: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
+  """Param counts of ``build_autoencoder(model_config)`` without allocating.
+
+  Returns:
+    (table lines, {'model', 'params', 'encoder_params', 'feature_dim'}).
+
+  Raises:
+    UserError: an invalid model config.
+  """
+  ae = build_autoencoder(model_config)
+  rngs = {'params': jax.random.key(0), 'masking': jax.random.key(1)}
+  variables = jax.eval_shape(lambda x: ae.init(rngs, x, train=False), _IMAGES)
+  params = variables['params']
+  features = jax.eval_shape(lambda v, x: ae.apply(v, x, method='encode'), variables, _IMAGES)
+
+  lines = [f'model: {model_config["name"]}']
+  # Encoder first: it is the part later stages reuse.
+  for top in sorted(params, key=lambda k: (k != 'encoder', k)):
+    sub = params[top]
+    lines.append(f'{top:<32}{_count(sub):>14,}')
+    for name, leaf in sub.items():
+      lines.append(f'  {name:<30}{_count(leaf):>14,}')
+  lines.append(f'{"total":<32}{_count(params):>14,}')
+  summary = {
+      'model': model_config['name'],
+      'params': _count(params),
+      'encoder_params': _count(params['encoder']),
+      'feature_dim': int(features.shape[-1]),
+  }
+  return lines, summary
