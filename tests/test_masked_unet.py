@@ -93,10 +93,11 @@ def test_param_tree_sizes_and_shapes(variant, fill, sizes):
 
 
 def test_base_variant_is_near_the_conv_autoencoders_size():
-  base, _, _ = _expected_sizes(4, 2, 8, True)
   conv192, conv256 = 49_347, 87_299      # reference/SEED.md
-  assert conv192 < base < 1.2 * conv256
-  assert _expected_sizes(4, 2, 16, True)[0] > 3 * base
+  _, base = models.summarize(unet_config.get_config('base').model)
+  _, large = models.summarize(unet_config.get_config('large').model)
+  assert conv192 < base['params'] < 1.2 * conv256
+  assert large['params'] > 3 * base['params'] and large['feature_dim'] > base['feature_dim']
 
 
 def test_summary_command_reports_the_unet(tmp_path):

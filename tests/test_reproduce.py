@@ -104,6 +104,25 @@ def test_runlocal_grid_end_to_end(tmp_path):
   assert (tmp_path / 'classify' / 'mae' / 'mlp_tune' / 'accuracy.png').exists()
 
 
+def test_table_has_a_masked_psnr_only_for_masking_rows():
+  grid = reproduce_config.get_config('runlocal')
+  grid.rows, grid.columns = 'conv_192,mae,masked_unet', 'linear_frozen'
+  ok = lambda metrics: {'status': 'ok', 'metrics': metrics, 'wall_s': 1.0, 'error': None,
+                        'hardware': {'device_kind': 'cpu'}, 'git_commit': None}
+  results = {'cells': {
+      'conv_192/pretrain': ok({'eval/psnr': 17.5}),
+      'mae/pretrain': ok({'eval/psnr': 21.25, 'eval/masked_psnr': 15.125}),
+      'masked_unet/pretrain': ok({'eval/psnr': 20.75, 'eval/masked_psnr': 18.5}),
+      'masked_unet/linear_frozen': ok({'eval/accuracy': 0.25}),
+  }}
+  lines = [ln for ln in reproduce.results_markdown(grid, results).splitlines()
+           if ln.startswith('| ')]
+  assert lines[0] == '|  | Linear frozen | kNN | PSNR (dB) | masked PSNR (dB) |'
+  assert lines[1:] == ['| Conv-192 | — (.134) | — | 17.50 | — |',
+                       '| MAE | — (.088) | — | 21.25 | 15.12 |',
+                       '| Masked UNet | .250 | — | 20.75 | 18.50 |']
+
+
 def test_failed_cell_is_recorded_and_rerun_skips_finished(tmp_path, monkeypatch):
   real = classify.train_and_evaluate
   calls = []
