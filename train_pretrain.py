@@ -13,7 +13,7 @@ from mil_jax import cli
 _CONFIG, _WORKDIR, _OVERWRITE = cli.define_run_flags(
     None, 'Config file and variant, e.g. configs/mae.py or configs/fc.py:l1.',
     'Where checkpoints, metrics and plots go (default: runs/pretrain_<model>).')
-_TYPE = flags.DEFINE_enum('type', None, ['fc', 'conv', 'mae'],
+_TYPE = flags.DEFINE_enum('type', None, ['fc', 'conv', 'mae', 'masked_unet'],
                           "Shortcut for --config configs/<type>.py (the study's flag).")
 
 

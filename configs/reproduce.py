@@ -13,28 +13,32 @@ Command:
       --config.rows=conv_192,mae --config.columns=linear_frozen --workdir runs/grid_part
 
 Rows (encoders, pretrained with configs/<file>.py:<variant>): FC+l1, FC+l2,
-Conv-192, Conv-256, MAE. Columns (the study's classifier protocols): No
-pretrain (MLP head, fresh encoder trained), MLP + fine-tune, MLP frozen,
-Linear + fine-tune, Linear frozen. Each row also gets the kNN accuracy of its
-features and the reconstruction PSNR of its autoencoder. A row or a column is
-one line in ROWS / COLUMNS below; ``config.rows`` / ``config.columns`` pick
-which run, in order. ``config.data`` replaces the data block of every cell.
+Conv-192, Conv-256, MAE, and beyond the study the Masked UNet
+(configs/masked_unet.py:base, on the FC / Conv budget). Columns (the study's
+classifier protocols): No pretrain (MLP head, fresh encoder trained), MLP +
+fine-tune, MLP frozen, Linear + fine-tune, Linear frozen. Each row also gets
+the kNN accuracy of its features and the reconstruction PSNR of its
+autoencoder (for the masking models, also the PSNR of the removed pixels
+alone). A row or a column is one line in ROWS / COLUMNS below;
+``config.rows`` / ``config.columns`` pick which run, in order.
+``config.data`` replaces the data block of every cell.
 
-Variants (add keyed budgets: pretrain_epochs=N (FC and Conv rows),
-mae_epochs=N, classifier_epochs=N):
-  seed: the study's budgets: 100 (FC) / 100 (Conv) / 2000 (MAE, the seed
-    model) pretraining epochs, 40 classifier epochs, the study's classifier
-    optimizer (configs/classifier.py:seed). Days on one GPU (the MAE alone is
-    about a day in the reference).
+Variants (add keyed budgets: pretrain_epochs=N (FC, Conv and Masked UNet
+rows), mae_epochs=N, classifier_epochs=N):
+  seed: the study's budgets: 100 (FC, Conv, Masked UNet) / 2000 (MAE, the
+    seed model) pretraining epochs, 40 classifier epochs, the study's
+    classifier optimizer (configs/classifier.py:seed). Days on one GPU (the
+    MAE alone is about a day in the reference).
   quick: one GPU in under 15 minutes (estimated from the model FLOPs and the
-    compile count, not measured yet): FC and Conv 5 epochs, the `fast` MAE 20
-    epochs, 5 classifier epochs with our classifier choices.
+    compile count, not measured yet): FC, Conv and Masked UNet 5 epochs, the
+    `fast` MAE 20 epochs, 5 classifier epochs with our classifier choices.
   cpu: real data (45,000 training images) on a 2-core CPU in about 40
     minutes (estimated from measured step rates, not measured end to end):
-    FC and Conv 2 pretraining epochs, 1 classifier epoch with our classifier
-    choices, and for the MAE row the tiny runlocal MAE for 2 epochs (even the
-    `fast` MAE needs 15-25 minutes per epoch on 2 cores). Numbers far below
-    the reference: a check of the grid on real images, not a result.
+    FC, Conv and Masked UNet 2 pretraining epochs, 1 classifier epoch with
+    our classifier choices, and for the MAE row the tiny runlocal MAE for 2
+    epochs (even the `fast` MAE needs 15-25 minutes per epoch on 2 cores).
+    Numbers far below the reference: a check of the grid on real images, not
+    a result.
   runlocal: fake data (128 train / 64 test images), the tiny runlocal models,
     1 epoch everywhere; a few minutes on a laptop CPU (what the tests run).
     Alone it is the grid of `quick`'s models; added to another variant
@@ -68,10 +72,17 @@ ROWS = (
     ('conv_192', 'Conv-192', 'conv:192', (.169, .168, .160, .198, .134)),
     ('conv_256', 'Conv-256', 'conv:256', (.191, .191, .210, .214, .186)),
     ('mae', 'MAE', 'mae:seed', (None, .151, .082, .219, .088)),
+    # Beyond the study: the masked convolutional UNet its author planned.
+    ('masked_unet', 'Masked UNet', 'masked_unet:base', (None, None, None, None, None)),
 )
 
-def _row(label: str, pretrain: str, reference: tuple[float | None, ...]
-         ) -> ml_collections.ConfigDict:
+# Rows whose pretraining budget is the FC / Conv one of each variant.
+_CONV_BUDGET = ('fc_l1', 'fc_l2', 'conv_192', 'conv_256', 'masked_unet')
+
+
+def row_config(label: str, pretrain: str, reference: tuple[float | None, ...]
+               ) -> ml_collections.ConfigDict:
+  """A row: its label, its pretraining config 'file:variant' and the study's top-1 per column."""
   refs = {key: ref for (key, *_), ref in zip(COLUMNS, reference, strict=True) if ref is not None}
   return ml_collections.ConfigDict(dict(
       label=label,                 # the row's name in results.md and report.png
@@ -102,7 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rows = ','.join(key for key, *_ in ROWS)        # which rows run, in order
   config.columns = ','.join(key for key, *_ in COLUMNS)  # which columns run, in order
   config.knn = True                # a kNN accuracy cell per row
-  config.row = ml_collections.ConfigDict({key: _row(*rest) for key, *rest in ROWS})
+  config.row = ml_collections.ConfigDict({key: row_config(*rest) for key, *rest in ROWS})
   config.column = ml_collections.ConfigDict({key: _column(*rest) for key, *rest in COLUMNS})
   config.classifier = 'seed'       # configs/classifier.py variant of every classifier cell
   config.classifier_epochs = 40    # 0 = the classifier config's
@@ -115,7 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if args.quick or args.cpu:
     config.classifier = ''         # ours: AdamW, warmup + cosine, augmentation when tuned
-    for key in ('fc_l1', 'fc_l2', 'conv_192', 'conv_256'):
+    for key in _CONV_BUDGET:
       config.row[key].num_epochs = 5 if args.quick else 2
     config.classifier_epochs = 5 if args.quick else 1
   if args.quick:
@@ -149,7 +160,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.strip_size = 4
 
   if args.pretrain_epochs:
-    for key in ('fc_l1', 'fc_l2', 'conv_192', 'conv_256'):
+    for key in _CONV_BUDGET:
       config.row[key].num_epochs = args.pretrain_epochs
   if args.mae_epochs:
     config.row.mae.num_epochs = args.mae_epochs

@@ -230,6 +230,7 @@ def restore_params(directory: pathlib.Path, step: int) -> Any:
   target is built from the saved shapes and dtypes, not from the saved
   sharding, which orbax refuses to restore on another device count.
   """
+  directory = pathlib.Path(directory).absolute()  # orbax refuses relative paths
   on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   saved = ocp.StandardCheckpointHandler().metadata(directory / str(step) / 'params').tree
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_device),

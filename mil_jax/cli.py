@@ -65,8 +65,8 @@ def expand_type_flag(argv: list[str]) -> list[str]:
       kind = argv[i + 1]
   if kind is None or _config_path(argv) is not None:
     return argv
-  if kind not in ('fc', 'conv', 'mae'):
-    fail(f'unknown --type {kind!r}; use fc, conv or mae.')
+  if kind not in ('fc', 'conv', 'mae', 'masked_unet'):
+    fail(f'unknown --type {kind!r}; use fc, conv, mae or masked_unet.')
   return [argv[0], f'--config={CONFIG_DIR / kind}.py', *argv[1:]]
 
 

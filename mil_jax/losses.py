@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from mil_jax.errors import UserError
-from mil_jax.models import mae
+from mil_jax.models import mae, masking
 
 
 def l2(reconstruction: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -39,7 +39,8 @@ def l1(reconstruction: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Arr
 
 
 def masked_l2(pred_patches: jax.Array, images: jax.Array, mask: jax.Array, *,
-              patch_size: int, norm_pix: bool) -> tuple[jax.Array, jax.Array]:
+              patch_size: int, norm_pix: bool,
+              visible_weight: float = 0.0) -> tuple[jax.Array, jax.Array]:
   """MAE loss: mean squared error over the pixels of removed patches only.
 
   Args:
@@ -49,21 +50,45 @@ def masked_l2(pred_patches: jax.Array, images: jax.Array, mask: jax.Array, *,
     patch_size: p.
     norm_pix: compare with targets normalized to zero mean and unit variance
       per patch (the MAE paper's better-representation option).
+    visible_weight: weight of a visible patch's error against 1 for a
+      removed one; 0 (the MAE) ignores visible patches.
 
   Returns:
-    (mean over all removed patches of the batch, per-example mean over that
-    image's removed patches [B]). With nothing removed both are 0.
+    (weighted mean over the patches of the batch, per-example weighted mean
+    over that image's patches [B]). With nothing weighted both are 0.
   """
-  target = mae.patchify(images.astype(jnp.float32), patch_size)
+  target = masking.patchify(images.astype(jnp.float32), patch_size)
   if norm_pix:
     mean, std = mae.patch_mean_std(target)
     target = (target - mean) / std
   per_patch = jnp.square(pred_patches.astype(jnp.float32) - target).mean(axis=-1)  # [B, N]
   mask = mask.astype(jnp.float32)
-  weighted = per_patch * mask
-  # max(., 1) keeps a mask_ratio=0 pass finite (loss 0) instead of 0/0.
-  per_example = weighted.sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
-  return weighted.sum() / jnp.maximum(mask.sum(), 1.0), per_example
+  weights = mask + visible_weight * (1.0 - mask)
+  weighted = per_patch * weights
+
+  def mean(total, count):
+    # Nothing weighted (mask_ratio 0 and visible_weight 0): loss 0, not 0/0.
+    return total / jnp.where(count > 0, count, 1.0)
+
+  return mean(weighted.sum(), weights.sum()), mean(weighted.sum(axis=1), weights.sum(axis=1))
+
+
+def masked_image_l2(reconstruction: jax.Array, images: jax.Array, mask: jax.Array, *,
+                    patch_size: int, visible_weight: float) -> tuple[jax.Array, jax.Array]:
+  """The masked UNet's loss: ``masked_l2`` over a whole reconstructed image.
+
+  Args:
+    reconstruction: [B, H, W, C], every pixel predicted.
+    images: [B, H, W, C] targets.
+    mask: [B, N], 1 = removed, in ``masking.patchify``'s patch order.
+    patch_size: p.
+    visible_weight: weight of the visible pixels' error against the removed ones'.
+
+  Returns:
+    (scalar, per-example [B]) as ``masked_l2``.
+  """
+  return masked_l2(masking.patchify(reconstruction, patch_size), images, mask,
+                   patch_size=patch_size, norm_pix=False, visible_weight=visible_weight)
 
 
 def _l2(config, images, reconstruction, aux):
@@ -85,10 +110,19 @@ def _masked_l2(config, images, reconstruction, aux):
                    patch_size=config.model.patch_size, norm_pix=config.model.norm_pix_loss)
 
 
+def _masked_image_l2(config, images, reconstruction, aux):
+  if 'mask' not in aux or 'pred_patches' in aux:
+    raise UserError(f"loss 'masked_image_l2' needs the masked UNet (model.name='masked_unet'), "
+                    f'not {config.model.name!r}.')
+  return masked_image_l2(reconstruction, images, aux['mask'], patch_size=config.model.patch_size,
+                         visible_weight=config.visible_loss_weight)
+
+
 LOSSES: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     'l2': _l2,
     'l1': _l1,
     'masked_l2': _masked_l2,
+    'masked_image_l2': _masked_image_l2,
 }
 
 
@@ -98,7 +132,8 @@ def pretrain_loss(config: Any, images: jax.Array, reconstruction: jax.Array,
 
   Args:
     config: the run's config; reads ``loss`` and, for 'masked_l2',
-      ``model.patch_size`` and ``model.norm_pix_loss``.
+      ``model.patch_size`` and ``model.norm_pix_loss``; for
+      'masked_image_l2', ``model.patch_size`` and ``visible_loss_weight``.
     images: [B, 32, 32, 3] targets in [-1, 1].
     reconstruction: [B, 32, 32, 3], the autoencoder's first output.
     aux: the autoencoder's second output.
@@ -107,7 +142,7 @@ def pretrain_loss(config: Any, images: jax.Array, reconstruction: jax.Array,
     (scalar loss, per-example loss [B]).
 
   Raises:
-    UserError: unknown ``config.loss``, or 'masked_l2' for a model without a mask.
+    UserError: unknown ``config.loss``, or a masked loss for a model it does not fit.
   """
   if config.loss not in LOSSES:
     raise UserError(f'unknown loss {config.loss!r}; known losses: {", ".join(sorted(LOSSES))}.')

@@ -35,7 +35,8 @@ CPU_XLA_FLAGS: dict[str, str] = {'xla_cpu_experimental_ynn_fusion_type': '-reduc
 # beat YNNPACK's by a few percent. The FC autoencoder's large dots are faster
 # in YNNPACK.
 _NO_YNNPACK = {'xla_cpu_experimental_ynn_fusion_type': ''}
-CPU_COMPILER_OPTIONS: dict[str, dict[str, str]] = {'conv': _NO_YNNPACK, 'mae': _NO_YNNPACK}
+CPU_COMPILER_OPTIONS: dict[str, dict[str, str]] = {'conv': _NO_YNNPACK, 'mae': _NO_YNNPACK,
+                                                     'masked_unet': _NO_YNNPACK}
 
 # Most XLA devices the CPU is split into (one per usable core up to this).
 CPU_MAX_DEVICES = 8
@@ -46,7 +47,7 @@ _DEVICE_COUNT_FLAG = 'xla_force_host_platform_device_count'
 # gain from it. The FC autoencoder's large dots already use every core and it
 # lost to the gradient all-reduce of its 12.4 M parameters; the classifier on
 # cached features is too small to split.
-CPU_DATA_PARALLEL = frozenset({'conv', 'mae'})
+CPU_DATA_PARALLEL = frozenset({'conv', 'mae', 'masked_unet'})
 
 _applied: list[str] = []
 

@@ -21,7 +21,7 @@ from mil_jax import config_checks, losses, models, paths, platform, report, shar
 from mil_jax import input_pipeline as ip
 from mil_jax import workdir as workdir_lib
 from mil_jax.metric_writers import read_metrics
-from mil_jax.models import mae as mae_lib
+from mil_jax.models import masking
 from mil_jax.optim import make_optimizer
 
 NUM_SHOWN = 8  # images in reconstructions.png
@@ -31,16 +31,25 @@ def shown_reconstruction(config: ml_collections.ConfigDict, images: jax.Array,
                          reconstruction: jax.Array, aux: dict[str, jax.Array]) -> jax.Array:
   """What a user sees as the reconstruction, in [-1, 1].
 
-  For the MAE, the visible patches are the input's own: only the removed ones
-  are predictions (as the MAE paper shows them).
+  For a masking model (the MAE, the masked UNet), the visible patches are the
+  input's own: only the removed ones are predictions (as the MAE paper shows
+  them).
   """
   if 'mask' in aux:
     p = config.model.patch_size
     mask = aux['mask'][..., None]
-    patches = (mae_lib.patchify(images, p) * (1 - mask)
-               + mae_lib.patchify(reconstruction, p) * mask)
-    reconstruction = mae_lib.unpatchify(patches, p, *images.shape[1:3])
+    patches = (masking.patchify(images, p) * (1 - mask)
+               + masking.patchify(reconstruction, p) * mask)
+    reconstruction = masking.unpatchify(patches, p, *images.shape[1:3])
   return jnp.clip(reconstruction, -1.0, 1.0)
+
+
+def psnr_of(mse: jax.Array) -> jax.Array:
+  """PSNR in dB of images in [-1, 1] from their mean squared error [B] -> [B].
+
+  Pixels span 2: 10 log10(2^2 / MSE), the same as on [0, 1].
+  """
+  return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
 
 
 def make_task(config: ml_collections.ConfigDict, model: nn.Module
@@ -63,10 +72,15 @@ def make_task(config: ml_collections.ConfigDict, model: nn.Module
     reconstruction, aux = apply(params, x, False, {'masking': rng})
     _, per_example = losses.pretrain_loss(config, x, reconstruction, aux)
     shown = shown_reconstruction(config, x, reconstruction, aux)
-    mse = jnp.mean(jnp.square(shown - x), axis=(1, 2, 3))
-    # Pixels span 2 in [-1, 1]: PSNR = 10 log10(2^2 / MSE), the same as on [0, 1].
-    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
-    return {'loss': per_example, 'mse': mse, 'psnr': psnr}
+    err = jnp.square(shown - x)
+    mse = jnp.mean(err, axis=(1, 2, 3))
+    metrics = {'loss': per_example, 'mse': mse, 'psnr': psnr_of(mse)}
+    if 'mask' in aux:
+      # The visible pixels above are the input's own; this scores the filled-in ones alone.
+      removed = masking.pixel_mask(aux['mask'], config.model.patch_size, *x.shape[1:3])
+      count = jnp.maximum(jnp.sum(removed, axis=(1, 2, 3)) * x.shape[-1], 1.0)
+      metrics['masked_psnr'] = psnr_of(jnp.sum(err * removed, axis=(1, 2, 3)) / count)
+    return metrics
 
   return loss_fn, eval_fn
 
@@ -92,8 +106,8 @@ def save_reconstructions(config: ml_collections.ConfigDict, model: nn.Module, pa
     rows = {'original': x, 'reconstruction': shown_reconstruction(config, x, reconstruction, aux)}
     if 'mask' in aux:
       p = config.model.patch_size
-      grey = mae_lib.patchify(x, p) * (1 - aux['mask'][..., None])
-      rows['masked input'] = mae_lib.unpatchify(grey, p, *x.shape[1:3])
+      grey = masking.patchify(x, p) * (1 - aux['mask'][..., None])
+      rows['masked input'] = masking.unpatchify(grey, p, *x.shape[1:3])
     return rows
 
   count = min(NUM_SHOWN, len(data))

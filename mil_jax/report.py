@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use('Agg')  # Files only; never open a window.
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -116,6 +117,40 @@ def plot_study(groups: Sequence[str], bars: dict[str, Sequence[float | None]],
     strip_ax.set_xticks([])
     strip_ax.set_yticks([])
     strip_ax.set_ylabel(label, rotation=0, ha='right', va='center', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_sweep(points: Sequence[dict[str, Any]], path: str | pathlib.Path) -> None:
+  """Parameters and latent size (x, log scale) against kNN accuracy and PSNR (y), per point.
+
+  Args:
+    points: records with 'label', 'params', 'latent_dim', 'knn_accuracy'
+      and 'psnr' (None: not measured; no marker).
+    path: the PNG to write.
+  """
+  panels = [('params', 'parameters'), ('latent_dim', 'latent size')]
+  scores = [('knn_accuracy', 'kNN accuracy'), ('psnr', 'PSNR (dB)')]
+  fig, axes = plt.subplots(len(scores), len(panels), figsize=(10, 7.5), squeeze=False)
+  for r, (score, score_label) in enumerate(scores):
+    for c, (size, size_label) in enumerate(panels):
+      ax = axes[r][c]
+      for p in points:
+        if p[score] is None:
+          continue
+        ax.scatter(p[size], p[score], s=30)
+        ax.annotate(p['label'], (p[size], p[score]), fontsize=7, xytext=(4, 3),
+                    textcoords='offset points')
+      ax.set_xscale('log')
+      # Round numbers with separators; log axes' default minor labels overlap.
+      ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+      ax.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter('{x:,.0f}'))
+      ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+      ax.set_xlabel(size_label)
+      ax.set_ylabel(score_label)
+      ax.grid(alpha=0.3)
+  fig.suptitle('sweep: size against kNN accuracy and reconstruction')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -184,7 +184,8 @@ def read_results(workdir: str | pathlib.Path) -> dict[str, Any]:
   return json.loads(path.read_text()) if path.exists() else {'cells': {}}
 
 
-def _write_atomically(path: pathlib.Path, text: str) -> None:
+def write_atomically(path: pathlib.Path, text: str) -> None:
+  """Replaces ``path`` with ``text`` in one step."""
   tmp = path.with_name(path.name + '.tmp')
   tmp.write_text(text)
   os.replace(tmp, path)  # a reader never sees half a file, a crash never leaves one
@@ -260,11 +261,11 @@ def run_grid(grid: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     results['cells'][cell.key] = record
     log(f'{head}: {record["status"]} {_brief(record)} ({record["wall_s"]:.1f} s)')
     if jax.process_index() == 0:
-      _write_atomically(workdir / RESULTS_JSON, json.dumps(results, indent=1) + '\n')
-      _write_atomically(workdir / RESULTS_MD, results_markdown(grid, results))
+      write_atomically(workdir / RESULTS_JSON, json.dumps(results, indent=1) + '\n')
+      write_atomically(workdir / RESULTS_MD, results_markdown(grid, results))
   if jax.process_index() == 0:
-    _write_atomically(workdir / RESULTS_JSON, json.dumps(results, indent=1) + '\n')
-    _write_atomically(workdir / RESULTS_MD, results_markdown(grid, results))
+    write_atomically(workdir / RESULTS_JSON, json.dumps(results, indent=1) + '\n')
+    write_atomically(workdir / RESULTS_MD, results_markdown(grid, results))
     write_report(grid, results, workdir)
   return results
 
@@ -296,7 +297,7 @@ def results_markdown(grid: ml_collections.ConfigDict, results: dict[str, Any]) -
   rows = _keys(grid.rows, grid.row, 'row')
   columns = _keys(grid.columns, grid.column, 'column')
   head = ['', *(grid.column[c].label for c in columns)]
-  head += ['kNN'] * grid.knn + ['PSNR (dB)']
+  head += ['kNN'] * grid.knn + ['PSNR (dB)', 'masked PSNR (dB)']
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for row in rows:
     cells = [grid.row[row].label]
@@ -308,8 +309,9 @@ def results_markdown(grid: ml_collections.ConfigDict, results: dict[str, Any]) -
     if grid.knn:
       value = _metric(results, f'{row}/{KNN}', 'eval/knn_accuracy')
       cells.append(value if isinstance(value, str) else _fmt(value))
-    psnr = _metric(results, f'{row}/{PRETRAIN}', 'eval/psnr')
-    cells.append(psnr if isinstance(psnr, str) else '—' if psnr is None else f'{psnr:.2f}')
+    for name in ('eval/psnr', 'eval/masked_psnr'):  # the latter only for masking models
+      psnr = _metric(results, f'{row}/{PRETRAIN}', name)
+      cells.append(psnr if isinstance(psnr, str) else '—' if psnr is None else f'{psnr:.2f}')
     lines.append('| ' + ' | '.join(cells) + ' |')
 
   records = list(results['cells'].values())
@@ -321,7 +323,9 @@ def results_markdown(grid: ml_collections.ConfigDict, results: dict[str, Any]) -
       f'Top-1 accuracy on `{data.source}` {data.eval_split} (trained on {data.train_split}); '
       'in parentheses the reference study\'s CIFAR-100 test top-1 (reference/SEED.md). '
       'kNN: weighted k-nearest-neighbour top-1 of the encoder\'s features; PSNR: '
-      'reconstruction of the held-out images by the autoencoder. — : not run (yet).', '',
+      'reconstruction of the held-out images by the autoencoder (a masking model keeps the '
+      'visible pixels of its input); masked PSNR: the removed pixels alone, for the masking '
+      'models. — : not run (yet), or no such number.', '',
       *lines, '',
       f'Cells: {sum(r["status"] == "ok" for r in records)} finished, '
       f'{sum(r["status"] != "ok" for r in records)} failed; '
@@ -389,6 +393,27 @@ def write_report(grid: ml_collections.ConfigDict, results: dict[str, Any],
 # this module next to another program's flags is harmless).
 
 
+def cache_compiled_programs(workdir: pathlib.Path) -> None:
+  """Keeps compiled programs in ``workdir/compile_cache`` (unless a cache is set already).
+
+  Many cells compile the same programs (the columns of a row share their
+  steps, FC+l1 and FC+l2 share their encoder): compile each once, and skip
+  compiling on a rerun. Call it before the first compile, which fixes it.
+  """
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', str(workdir.absolute() / 'compile_cache'))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
+def exit_if_failed(results: dict[str, Any]) -> None:
+  """Says which cells failed and exits 1, when some did."""
+  failed = sorted(k for k, r in results['cells'].items() if r['status'] != 'ok')
+  if failed:
+    print(f'{len(failed)} of {len(results["cells"])} cells failed ({", ".join(failed)}); '
+          'their errors are in results.md. Rerun the same command to retry them.', flush=True)
+    raise SystemExit(1)
+
+
 def main(argv: list[str]) -> None:
   """Runs the grid of ``--config`` in ``--workdir``; exits 1 when a cell failed."""
   from absl import flags  # noqa: PLC0415
@@ -398,19 +423,11 @@ def main(argv: list[str]) -> None:
   if grid is None:
     cli.fail('no config given; pass --config configs/reproduce.py:seed|quick|cpu|runlocal.')
   workdir = paths.user_path(flags.FLAGS.workdir or 'runs/reproduce', 'workdir')
-  if flags.FLAGS.compile_cache and not jax.config.jax_compilation_cache_dir:
-    # Many cells compile the same programs (the columns of a row share their
-    # steps, FC+l1 and FC+l2 share their encoder): compile each once, and
-    # skip compiling on a rerun. Set before the first compile, which fixes it.
-    jax.config.update('jax_compilation_cache_dir', str(workdir.absolute() / 'compile_cache'))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  if flags.FLAGS.compile_cache:
+    cache_compiled_programs(workdir)
   results = run_grid(grid, workdir, overwrite=flags.FLAGS.overwrite)
-  failed = sorted(k for k, r in results['cells'].items() if r['status'] != 'ok')
   print(f'results: {workdir / RESULTS_MD}, {workdir / RESULTS_JSON}, {workdir / REPORT_PNG}')
-  if failed:
-    print(f'{len(failed)} of {len(results["cells"])} cells failed ({", ".join(failed)}); '
-          'their errors are in results.md. Rerun the same command to retry them.', flush=True)
-    raise SystemExit(1)
+  exit_if_failed(results)
 
 
 if __name__ == '__main__':

@@ -145,3 +145,14 @@ def pretrain_tiny_conv(workdir: pathlib.Path) -> pathlib.Path:
 def pretrained(tmp_path_factory) -> pathlib.Path:
   """A pretraining workdir with a finished tiny Conv run (one per test process)."""
   return pretrain_tiny_conv(tmp_path_factory.mktemp('runs') / 'pretrain_conv')
+
+
+def copy_repo(dest: pathlib.Path) -> pathlib.Path:
+  """A copy of the programs, packages and configs in ``dest``, to run commands from as a user."""
+  import shutil  # noqa: PLC0415
+  dest.mkdir(parents=True, exist_ok=True)
+  for name in ('mil_jax', 'configs'):
+    shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns('__pycache__'))
+  for name in ('train_pretrain.py', 'train_classifier.py', 'pyproject.toml'):
+    shutil.copy2(ROOT / name, dest / name)
+  return dest

@@ -35,6 +35,11 @@ CASES = [
     ('mae', 'fast', 192),
     ('mae', 'seed,runlocal', 16),
     ('mae', 'fast,runlocal', 16),
+    ('masked_unet', None, 64),
+    ('masked_unet', 'base', 64),
+    ('masked_unet', 'large', 128),
+    ('masked_unet', 'runlocal', 64),
+    ('masked_unet', 'large,runlocal', 128),
 ]
 LOOP_FIELDS = {'seed', 'batch_size', 'num_epochs', 'steps_per_dispatch', 'log_every_steps',
                'eval_every_epochs', 'checkpoint_every_steps', 'keep_checkpoints'}
@@ -50,7 +55,7 @@ def _load(name: str, variant: str | None) -> ml_collections.ConfigDict:
 def test_config_is_complete_and_builds(name, variant, feature_dim):
   config = _load(name, variant)
   assert LOOP_FIELDS | {'loss', 'data', 'model', 'optim'} <= set(config)
-  assert config.loss in ('l2', 'l1', 'masked_l2')
+  assert config.loss in ('l2', 'l1', 'masked_l2', 'masked_image_l2')
   assert config.data.source
   assert config.model.name == name
   assert config.model.dtype == 'float32'
@@ -70,6 +75,7 @@ def test_config_is_complete_and_builds(name, variant, feature_dim):
                               variables, images)
   assert recon.shape == (2, 32, 32, 3)
   assert ('pred_patches' in aux) == (config.loss == 'masked_l2')
+  assert ('mask' in aux) == (config.loss in ('masked_l2', 'masked_image_l2'))
   features = jax.eval_shape(lambda v, x: ae.apply(v, x, method='encode'), variables, images)
   assert features.shape == (2, feature_dim)
 
@@ -108,6 +114,7 @@ def test_variants_set_what_they_say():
     ('fc', 'bogus'), ('fc', 'l1,l2'),
     ('conv', '192,256'), ('conv', '256,filters=6'), ('conv', 'layers=x'), ('conv', 'depth=3'),
     ('mae', 'seed,fast'), ('mae', 'large'),
+    ('masked_unet', 'base,large'), ('masked_unet', 'huge'), ('masked_unet', 'filters=4'),
 ])
 def test_bad_variants_raise_value_error(name, variant):
   with pytest.raises(ValueError):
@@ -126,7 +133,7 @@ def test_config_file_loads_through_config_flags_locked():
     config.model.new_field = 1
 
 
-@pytest.mark.parametrize('name', ['fc', 'conv', 'mae'])
+@pytest.mark.parametrize('name', ['fc', 'conv', 'mae', 'masked_unet'])
 def test_config_docstring_gives_command_runtime_and_result(name):
   doc = importlib.import_module(f'configs.{name}').__doc__
   assert f'--config configs/{name}.py' in doc

@@ -9,6 +9,7 @@ import pytest
 
 from configs import fc as fc_config
 from configs import mae as mae_config
+from configs import masked_unet as unet_config
 from mil_jax import losses, models
 from mil_jax.errors import UserError
 from mil_jax.models import mae
@@ -114,9 +115,65 @@ def test_pretrain_loss_dispatches_on_config_loss():
     np.testing.assert_allclose(got[1], want[1])
 
 
+def _pixel_mask(mask: np.ndarray, patch_size: int = 4) -> np.ndarray:
+  """[B, N] -> [B, 32, 32]: each pixel's patch entry, by index arithmetic."""
+  idx = (np.arange(32)[:, None] // patch_size) * (32 // patch_size) + np.arange(32) // patch_size
+  return mask[:, idx]
+
+
+@pytest.mark.parametrize('visible_weight', [0.0, 0.1, 1.0])
+def test_masked_image_l2_weights_removed_and_visible_pixels(visible_weight):
+  recon, images, mask = _images(20), _images(21), _mask(seed=3)
+  scalar, per_example = losses.masked_image_l2(recon, images, mask, patch_size=4,
+                                               visible_weight=visible_weight)
+  err = np.square(recon - images).sum(axis=-1)               # [B, 32, 32]
+  removed = _pixel_mask(mask)
+  num = (err * removed).sum((1, 2)) + visible_weight * (err * (1 - removed)).sum((1, 2))
+  den = 3 * (removed.sum((1, 2)) + visible_weight * (1 - removed).sum((1, 2)))
+  np.testing.assert_allclose(per_example, num / den, rtol=1e-5)
+  np.testing.assert_allclose(scalar, num.sum() / den.sum(), rtol=1e-5)
+  if visible_weight == 1.0:   # every pixel alike: the plain mean squared error
+    np.testing.assert_allclose(per_example, losses.l2(recon, images)[1], rtol=1e-5)
+
+
+def test_masked_image_l2_ignores_visible_pixels_at_weight_zero():
+  recon, images, mask = _images(22), _images(23), _mask(seed=4)
+  removed = _pixel_mask(mask)[..., None]
+  loss = lambda r, w=0.0: losses.masked_image_l2(r, images, mask, patch_size=4,
+                                                 visible_weight=w)
+  noise = np.random.default_rng(24).normal(size=recon.shape).astype(np.float32)
+  base = loss(recon)[1]
+  np.testing.assert_allclose(loss(recon + noise * (1 - removed))[1], base, rtol=1e-6)
+  assert np.all(np.abs(np.asarray(loss(recon + noise * removed)[1]) - base) > 1e-3)
+  # ...and with a weight the visible pixels count.
+  assert np.all(np.abs(np.asarray(loss(recon + noise * (1 - removed), 0.1)[1])
+                       - np.asarray(loss(recon, 0.1)[1])) > 1e-3)
+  grad = np.asarray(jax.grad(lambda r: loss(r)[0])(jnp.asarray(recon)))
+  assert np.all(grad[np.broadcast_to(removed, grad.shape) == 0] == 0.0)
+  assert np.all(np.abs(grad).sum(-1)[removed[..., 0] == 1] > 0.0)
+
+
+def test_pretrain_loss_of_the_masked_unet_config():
+  config = unet_config.get_config('base')
+  recon, images, mask = _images(25), _images(26), _mask(seed=5)
+  got = losses.pretrain_loss(config, images, recon, {'mask': mask})
+  want = losses.masked_image_l2(recon, images, mask, patch_size=4,
+                                visible_weight=config.visible_loss_weight)
+  assert config.visible_loss_weight > 0
+  np.testing.assert_allclose(got[1], want[1])
+  conv = fc_config.get_config()
+  conv.loss = 'masked_image_l2'
+  with pytest.raises(UserError, match='masked_unet'):
+    losses.pretrain_loss(conv, images, recon, {})
+  mae_cfg = mae_config.get_config('seed,runlocal')
+  mae_cfg.loss = 'masked_image_l2'
+  with pytest.raises(UserError, match='masked_unet'):
+    losses.pretrain_loss(mae_cfg, images, recon, {'mask': mask, 'pred_patches': mask})
+
+
 def test_pretrain_loss_user_errors():
   images = _images(13)
-  with pytest.raises(UserError, match="'huber'.*l1, l2, masked_l2"):
+  with pytest.raises(UserError, match="'huber'.*l1, l2, masked_image_l2, masked_l2"):
     losses.pretrain_loss(ml_collections.ConfigDict({'loss': 'huber'}), images, images, {})
   config = fc_config.get_config()
   config.loss = 'masked_l2'

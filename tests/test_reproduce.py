@@ -31,7 +31,7 @@ def test_every_variant_builds_every_cell(tmp_path):
   for variant in ('seed', 'quick', 'cpu', 'runlocal', 'cpu,pretrain_epochs=2,classifier_epochs=3'):
     grid = reproduce_config.get_config(variant)
     cells = reproduce.make_cells(grid, tmp_path)
-    assert len(cells) == 5 * (1 + 5 + 1), variant
+    assert len(cells) == 6 * (1 + 5 + 1), variant
     for cell in cells:  # the grid's data block reaches every cell
       assert cell.config.data.source == grid.data.source, (variant, cell.key)
   seed = {c.key: c.config for c in reproduce.make_cells(reproduce_config.get_config('seed'),
@@ -42,8 +42,15 @@ def test_every_variant_builds_every_cell(tmp_path):
   assert (seed['mae/linear_frozen'].mode, seed['mae/linear_frozen'].freeze) == ('probing', True)
   assert seed['fc_l2/no_pretrain'].from_scratch and not seed['fc_l2/no_pretrain'].freeze
   assert seed['fc_l2/mlp_tune'].pretrained_path == str(tmp_path / 'pretrain' / 'fc_l2')
-  cpu = reproduce.make_cells(reproduce_config.get_config('cpu,pretrain_epochs=2'), tmp_path)
-  assert {c.key: c.config.num_epochs for c in cpu}['fc_l1/pretrain'] == 2
+  assert seed['masked_unet/pretrain'].num_epochs == 100
+  assert seed['masked_unet/pretrain'].model.name == 'masked_unet'
+  assert seed['masked_unet/no_pretrain'].model_type == 'masked_unet:base'
+  cpu = reproduce.make_cells(reproduce_config.get_config('cpu,pretrain_epochs=3'), tmp_path)
+  epochs = {c.key: c.config.num_epochs for c in cpu}
+  assert epochs['fc_l1/pretrain'] == epochs['masked_unet/pretrain'] == 3
+  cpu = {c.key: c.config for c in reproduce.make_cells(reproduce_config.get_config('cpu'),
+                                                       tmp_path)}
+  assert cpu['masked_unet/pretrain'].num_epochs == cpu['conv_256/pretrain'].num_epochs == 2
 
 
 @pytest.mark.parametrize('field,value,message', [
@@ -81,19 +88,43 @@ def test_runlocal_grid_end_to_end(tmp_path):
   lines = [ln for ln in table.splitlines() if ln.startswith('| ')]
   assert lines[0].split(' | ')[1:] == ['No pretrain', 'MLP + fine-tune', 'MLP frozen',
                                        'Linear + fine-tune', 'Linear frozen', 'kNN',
-                                       'PSNR (dB) |']
+                                       'PSNR (dB)', 'masked PSNR (dB) |']
   assert [ln.split(' | ')[0] for ln in lines[1:]] == [
-      '| FC+l1', '| FC+l2', '| Conv-192', '| Conv-256', '| MAE']
+      '| FC+l1', '| FC+l2', '| Conv-192', '| Conv-256', '| MAE', '| Masked UNet']
   fc_l1 = lines[1].split(' | ')
   assert re.fullmatch(r'\.\d{3} \(\.186\)', fc_l1[1]), fc_l1   # ours (the reference's)
-  mae = lines[-1].split(' | ')
-  assert re.fullmatch(r'\.\d{3}', mae[1]), mae                  # the reference has none
+  assert fc_l1[-1] == '— |'                                      # masks nothing
+  for line in lines[-2:]:                                        # MAE, Masked UNet
+    cells = line.split(' | ')
+    assert re.fullmatch(r'\.\d{3}', cells[1]), cells           # the reference has none
+    psnr = results['cells'][f"{'mae' if 'MAE' in cells[0] else 'masked_unet'}/pretrain"][
+        'metrics']
+    assert cells[-2:] == [f"{psnr['eval/psnr']:.2f}", f"{psnr['eval/masked_psnr']:.2f} |"]
   assert_picture(tmp_path / 'report.png')
   assert_picture(tmp_path / 'classify' / 'mae' / 'mlp_tune' / 'accuracy.png', curves=2)
   mlp_tune = json.loads((tmp_path / 'classify' / 'mae' / 'mlp_tune' / 'metrics.jsonl')
                         .read_text().splitlines()[-1])
   assert mlp_tune['eval/accuracy'] == pytest.approx(
       results['cells']['mae/mlp_tune']['metrics']['eval/accuracy'], rel=1e-6)
+
+
+def test_table_has_a_masked_psnr_only_for_masking_rows():
+  grid = reproduce_config.get_config('runlocal')
+  grid.rows, grid.columns = 'conv_192,mae,masked_unet', 'linear_frozen'
+  ok = lambda metrics: {'status': 'ok', 'metrics': metrics, 'wall_s': 1.0, 'error': None,
+                        'hardware': {'device_kind': 'cpu'}, 'git_commit': None}
+  results = {'cells': {
+      'conv_192/pretrain': ok({'eval/psnr': 17.5}),
+      'mae/pretrain': ok({'eval/psnr': 21.25, 'eval/masked_psnr': 15.125}),
+      'masked_unet/pretrain': ok({'eval/psnr': 20.75, 'eval/masked_psnr': 18.5}),
+      'masked_unet/linear_frozen': ok({'eval/accuracy': 0.25}),
+  }}
+  lines = [ln for ln in reproduce.results_markdown(grid, results).splitlines()
+           if ln.startswith('| ')]
+  assert lines[0] == '|  | Linear frozen | kNN | PSNR (dB) | masked PSNR (dB) |'
+  assert lines[1:] == ['| Conv-192 | — (.134) | — | 17.50 | — |',
+                       '| MAE | — (.088) | — | 21.25 | 15.12 |',
+                       '| Masked UNet | .250 | — | 20.75 | 18.50 |']
 
 
 def test_failed_cell_is_recorded_and_rerun_skips_finished(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mil_jax.errors import UserError
-from mil_jax.models import conv_ae, fc_ae, mae, vit
+from mil_jax.models import conv_ae, fc_ae, mae, masked_unet, vit
 
 
 def _check_conv(cfg: Mapping[str, Any]) -> None:
@@ -65,6 +65,21 @@ def _check_mae(cfg: Mapping[str, Any]) -> None:
             f"multiple of 8 up to 128 ({width} / {heads} is {head_dim}); use attention 'auto'.")
 
 
+def _check_masked_unet(cfg: Mapping[str, Any]) -> None:
+  if not 1 <= cfg['num_layers'] <= 5:
+    raise UserError(f"masked_unet num_layers must be 1 to 5 for 32x32 images, "
+                    f"got {cfg['num_layers']}.")
+  if cfg['channel_factor'] < 1 or cfg['start_filters'] < 1:
+    raise UserError('masked_unet channel_factor and start_filters must be positive integers.')
+  if 32 % cfg['patch_size']:
+    raise UserError(f"masked_unet patch_size {cfg['patch_size']} must divide the image side 32.")
+  if not 0.0 <= cfg['mask_ratio'] < 1.0:
+    raise UserError(f"masked_unet mask_ratio must be in [0, 1), got {cfg['mask_ratio']}.")
+  if cfg['mask_fill'] not in masked_unet.MASK_FILLS:
+    raise UserError(f"masked_unet mask_fill must be one of {', '.join(masked_unet.MASK_FILLS)}, "
+                    f"got {cfg['mask_fill']!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
   autoencoder: type[nn.Module]
@@ -76,6 +91,8 @@ MODELS: dict[str, _Entry] = {
     'fc': _Entry(fc_ae.FCAutoencoder, fc_ae.FCEncoder, _check_fc),
     'conv': _Entry(conv_ae.ConvAutoencoder, conv_ae.ConvEncoder, _check_conv),
     'mae': _Entry(mae.MAE, mae.MAEEncoder, _check_mae),
+    'masked_unet': _Entry(masked_unet.MaskedUNet, masked_unet.MaskedUNetEncoder,
+                          _check_masked_unet),
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -109,7 +126,7 @@ def _resolve(model_config: Mapping[str, Any]) -> tuple[_Entry, dict[str, Any]]:
 
 
 def build_autoencoder(model_config: Mapping[str, Any]) -> nn.Module:
-  """The autoencoder named by ``model_config.name`` ('fc' | 'conv' | 'mae').
+  """The autoencoder named by ``model_config.name`` ('fc' | 'conv' | 'mae' | 'masked_unet').
 
   Its params are ``{'encoder': ..., 'decoder': ...}``; ``apply(v, x,
   train=...)`` returns ``(reconstruction [B, 32, 32, 3], aux)`` and
@@ -134,3 +151,43 @@ def build_encoder(model_config: Mapping[str, Any]) -> nn.Module:
   entry, kwargs = _resolve(model_config)
   fields = _module_fields(entry.encoder)
   return entry.encoder(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+# The models are built for CIFAR images; the count does not depend on batch.
+_IMAGES = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+
+
+def _count(tree: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def summarize(model_config: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
+  """Param counts of ``build_autoencoder(model_config)`` without allocating.
+
+  Returns:
+    (table lines, {'model', 'params', 'encoder_params', 'feature_dim'}).
+
+  Raises:
+    UserError: an invalid model config.
+  """
+  ae = build_autoencoder(model_config)
+  rngs = {'params': jax.random.key(0), 'masking': jax.random.key(1)}
+  variables = jax.eval_shape(lambda x: ae.init(rngs, x, train=False), _IMAGES)
+  params = variables['params']
+  features = jax.eval_shape(lambda v, x: ae.apply(v, x, method='encode'), variables, _IMAGES)
+
+  lines = [f'model: {model_config["name"]}']
+  # Encoder first: it is the part later stages reuse.
+  for top in sorted(params, key=lambda k: (k != 'encoder', k)):
+    sub = params[top]
+    lines.append(f'{top:<32}{_count(sub):>14,}')
+    for name, leaf in sub.items():
+      lines.append(f'  {name:<30}{_count(leaf):>14,}')
+  lines.append(f'{"total":<32}{_count(params):>14,}')
+  summary = {
+      'model': model_config['name'],
+      'params': _count(params),
+      'encoder_params': _count(params['encoder']),
+      'feature_dim': int(features.shape[-1]),
+  }
+  return lines, summary
