@@ -9,6 +9,7 @@ import shutil
 import jax
 import ml_collections
 
+from mil_jax import distributed
 from mil_jax.errors import UserError
 
 CONFIG_FILE = 'config.json'
@@ -54,8 +55,13 @@ def prepare(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, *,
     if not os.access(workdir, os.W_OK):
       raise PermissionError(workdir)
     if jax.process_index() == 0:
-      stored.write_text(json.dumps(config_json, indent=2) + '\n')
+      # Replaced in one step: the other processes of the run read it meanwhile.
+      tmp = stored.with_name(f'{CONFIG_FILE}.tmp')
+      tmp.write_text(json.dumps(config_json, indent=2) + '\n')
+      os.replace(tmp, stored)
   except OSError as e:
     raise UserError(f'cannot write to workdir {str(workdir)!r} ({e.strerror or e}); '
                     'choose a writable --workdir.') from None
+  # No process opens the checkpoints before process 0 has removed a replaced run's.
+  distributed.barrier(f'workdir prepared: {workdir.absolute()}')
   return workdir
