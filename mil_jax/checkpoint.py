@@ -224,15 +224,16 @@ def read_meta(directory: pathlib.Path, step: int) -> dict[str, Any]:
 
 
 def restore_params(directory: pathlib.Path, step: int) -> Any:
-  """The ``params`` item of a checkpoint, with its saved structure, on the first device.
+  """The ``params`` item of a checkpoint, with its saved structure, on this process's first device.
 
-  Whatever devices saved it (8 GPUs, or the CPU split into cores): the
-  target is built from the saved shapes and dtypes, not from the saved
-  sharding, which orbax refuses to restore on another device count.
+  Whatever devices and processes saved it (8 GPUs, the CPU split into cores,
+  several hosts): the target is built from the saved shapes and dtypes, not
+  from the saved sharding, which orbax refuses to restore on another device
+  count. In a run of several processes every process calls it.
   """
-  directory = pathlib.Path(directory).absolute()  # orbax refuses relative paths
-  on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  saved = ocp.StandardCheckpointHandler().metadata(directory / str(step) / 'params').tree
+  on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  item = pathlib.Path(directory).absolute() / str(step) / 'params'  # orbax reads absolute paths
+  saved = ocp.StandardCheckpointHandler().metadata(item).tree
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_device),
                         saved)
   mngr = manager(directory, create=False)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 
-from mil_jax import platform
+from mil_jax import distributed, platform
 from mil_jax.errors import Interrupted, UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
@@ -134,14 +134,50 @@ def check_config_kind(expected: str) -> None:
 
 def define_run_flags(default_config: str | None, config_help: str, workdir_help: str
                      ) -> tuple[flags.FlagHolder, flags.FlagHolder, flags.FlagHolder]:
-  """``--config`` (locked), ``--workdir`` and ``--overwrite``, as every program has them."""
+  """``--config`` (locked), ``--workdir`` and ``--overwrite``, as every program has them.
+
+  Also the flags of a run of several processes (:func:`define_launch_flags`).
+  """
   from ml_collections import config_flags  # noqa: PLC0415
 
+  define_launch_flags()
   return (config_flags.DEFINE_config_file('config', default_config, config_help,
                                           lock_config=True),
           flags.DEFINE_string('workdir', None, workdir_help),
           flags.DEFINE_bool('overwrite', False,
                             'Replace a run of a different config found in --workdir.'))
+
+
+def define_launch_flags() -> None:
+  """``--coordinator_address``, ``--num_processes``, ``--process_id``, ``--initialization_timeout``.
+
+  Each of the first three, when not given, comes from its ``JAX_*`` variable
+  (``mil_jax.distributed``); :func:`run` joins the run before ``main``.
+  """
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0 in a run of several processes '
+                      '(default: $JAX_COORDINATOR_ADDRESS).')
+  flags.DEFINE_integer('num_processes', None,
+                       'Processes in the run (default: $JAX_NUM_PROCESSES).')
+  flags.DEFINE_integer('process_id', None,
+                       "This process's index, 0 to num_processes-1 (default: $JAX_PROCESS_ID).")
+  flags.DEFINE_integer('initialization_timeout', distributed.DEFAULT_INITIALIZATION_TIMEOUT_S,
+                       'Seconds to wait for every process of the run to join.')
+
+
+def _join_processes() -> None:
+  """Joins a run of several processes when the program has the launch flags."""
+  if 'num_processes' not in flags.FLAGS:  # a program without them (bench, models)
+    platform.configure()
+    return
+  f = flags.FLAGS
+  launch = distributed.resolve(coordinator_address=f.coordinator_address,
+                               num_processes=f.num_processes, process_id=f.process_id,
+                               initialization_timeout=f.initialization_timeout)
+  # The processes of a run may share one machine's cores: each keeps one CPU
+  # device unless the user set a count.
+  platform.configure(split=not launch.several_processes)
+  distributed.start(launch)
 
 
 def run(main: Callable[[list[str]], None], *, kind: str | None = None,
@@ -163,8 +199,8 @@ def run(main: Callable[[list[str]], None], *, kind: str | None = None,
     # Orbax and TFDS log every file they touch, and warn about things that are
     # fine here; the user wants the progress bar and our own messages.
     logging.set_verbosity(logging.INFO if flags.FLAGS.debug else logging.ERROR)
-    platform.configure()  # XLA:CPU flags, before anything creates the backend.
     try:
+      _join_processes()  # XLA:CPU flags and other processes, before anything creates the backend
       main(argv)
     except UserError as e:
       if flags.FLAGS.debug:

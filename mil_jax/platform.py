@@ -67,14 +67,21 @@ def _usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def configure() -> None:
-  """Adds the CPU tuning to ``XLA_FLAGS`` when running on the CPU."""
+def configure(*, split: bool = True) -> None:
+  """Adds the CPU tuning to ``XLA_FLAGS`` when running on the CPU.
+
+  Args:
+    split: split the CPU into one device per core. A run of several
+      processes passes False: its processes may share one machine's cores
+      (each would split all of them), and its steps span every device
+      anyway, so each process keeps one device unless the user set a count.
+  """
   if _applied or not _will_run_on_cpu():
     return
   flags = os.environ.get('XLA_FLAGS', '')
   wanted = dict(CPU_XLA_FLAGS)
   devices = min(_usable_cores(), CPU_MAX_DEVICES)
-  if devices > 1:
+  if devices > 1 and split:
     wanted[_DEVICE_COUNT_FLAG] = str(devices)
   extra = [f'--{k}={v}' for k, v in wanted.items() if f'--{k}' not in flags]
   if extra:

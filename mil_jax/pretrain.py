@@ -96,7 +96,10 @@ def init_params(config: ml_collections.ConfigDict, model: nn.Module,
 
 def save_reconstructions(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
                          data: ip.DeviceSplit, path: pathlib.Path) -> None:
-  """``reconstructions.png``: originals over reconstructions (MAE: + masked input)."""
+  """``reconstructions.png``: originals over reconstructions (MAE: + masked input).
+
+  Every process of a run calls it (the program spans their devices); process 0 writes.
+  """
 
   @jax.jit
   def run(params, images):
@@ -112,6 +115,8 @@ def save_reconstructions(config: ml_collections.ConfigDict, model: nn.Module, pa
 
   count = min(NUM_SHOWN, len(data))
   rows = jax.device_get(run(params, data.images[:count]))
+  if jax.process_index() != 0:
+    return
   order = [k for k in ('original', 'masked input', 'reconstruction') if k in rows]
   report.plot_image_rows([(k, np.asarray(rows[k])) for k in order], path)
 
@@ -169,6 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                                   'config': config.to_dict()})
     if jax.process_index() == 0:
       report.plot_loss(read_metrics(workdir), workdir / 'loss.png')
-      save_reconstructions(config, model, state.params, eval_data,
-                           workdir / 'reconstructions.png')
+    # Every process: the reconstructions are computed over the mesh together.
+    save_reconstructions(config, model, state.params, eval_data,
+                         workdir / 'reconstructions.png')
   return final

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mil_jax import checkpoint, classify, models, paths, pretrain, report, trainer
+from mil_jax import checkpoint, classify, distributed, models, paths, pretrain, report, trainer
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import UserError
 
@@ -266,7 +266,7 @@ def run_grid(grid: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   if jax.process_index() == 0:
     write_atomically(workdir / RESULTS_JSON, json.dumps(results, indent=1) + '\n')
     write_atomically(workdir / RESULTS_MD, results_markdown(grid, results))
-    write_report(grid, results, workdir)
+  write_report(grid, results, workdir)  # every process: the strips read checkpoints together
   return results
 
 
@@ -343,7 +343,8 @@ def reconstruction_strip(pretrain_dir: pathlib.Path, count: int) -> tuple[np.nda
   """The first ``count`` held-out images and their reconstructions, ``[K, 32, 32, 3]`` in [-1, 1].
 
   Rebuilt from the row's best checkpoint (the MAE keeps its visible patches, as
-  in its own ``reconstructions.png``), and cached in the row's workdir.
+  in its own ``reconstructions.png``), and cached in the row's workdir. In a
+  run of several processes every process calls it, and process 0 writes the cache.
   """
   cache = pretrain_dir / STRIP_FILE
   if cache.exists():
@@ -358,13 +359,23 @@ def reconstruction_strip(pretrain_dir: pathlib.Path, count: int) -> tuple[np.nda
   out, aux = model.apply({'params': params}, x, train=False, rngs={'masking': rng})
   shown = pretrain.shown_reconstruction(config, x, out, aux)
   original, shown = np.asarray(x), np.asarray(shown, np.float32)
-  np.savez(cache, original=original, reconstruction=shown)
+  # The cache appears only after every process has looked for it: all of them
+  # then agree to restore the checkpoint, which orbax does with all of them.
+  distributed.barrier(f'strip computed: {cache}')
+  if jax.process_index() == 0:
+    tmp = cache.with_name(f'{STRIP_FILE}.tmp')
+    with tmp.open('wb') as f:
+      np.savez(f, original=original, reconstruction=shown)
+    os.replace(tmp, cache)
   return original, shown
 
 
 def write_report(grid: ml_collections.ConfigDict, results: dict[str, Any],
                  workdir: pathlib.Path) -> None:
-  """``report.png``: grouped accuracy bars and one reconstruction strip per encoder."""
+  """``report.png``: grouped accuracy bars and one reconstruction strip per encoder.
+
+  Every process of a run calls it (see :func:`reconstruction_strip`); process 0 writes.
+  """
   rows = _keys(grid.rows, grid.row, 'row')
   columns = _keys(grid.columns, grid.column, 'column')
   groups = [grid.column[c].label for c in columns] + ['kNN'] * grid.knn
@@ -385,7 +396,8 @@ def write_report(grid: ml_collections.ConfigDict, results: dict[str, Any],
       if not strips:
         strips.append(('original', original))
       strips.append((label, shown))
-  report.plot_study(groups, bars, references, strips, workdir / REPORT_PNG)
+  if jax.process_index() == 0:
+    report.plot_study(groups, bars, references, strips, workdir / REPORT_PNG)
 
 
 # --------------------------------------------------------------------------

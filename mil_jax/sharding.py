@@ -7,7 +7,6 @@ XLA inserts the gradient all-reduce. This is the jit-and-sharding successor of
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,22 +15,25 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mil_jax import platform
+from mil_jax import distributed, platform
 from mil_jax.errors import UserError
 
 DATA_AXIS = 'data'
 
 
 def initialize_distributed() -> None:
-  """Joins a multi-host run when the launcher has set the usual variables.
+  """Joins a run of several processes that ``JAX_COORDINATOR_ADDRESS``,
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` describe.
 
-  ``jax.distributed.initialize()`` reads ``JAX_COORDINATOR_ADDRESS``,
-  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (or detects SLURM, Open MPI and
-  Cloud TPU pods by itself). On a single machine nothing is set and this is a
-  no-op, so the same command runs everywhere.
+  The commands join before their ``main`` (``cli.run``, with the flags and the
+  SLURM / Open MPI / Cloud TPU detection of ``mil_jax.distributed``), which
+  makes this a no-op there; it serves ``train_and_evaluate`` called from
+  Python. Without those variables it does nothing, so the same code runs
+  everywhere.
   """
-  if os.environ.get('JAX_COORDINATOR_ADDRESS') and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  launch = distributed.resolve()
+  if launch.explicit:
+    distributed.start(launch)
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import math
 import pathlib
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +39,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-from mil_jax import checkpoint, optim, sharding
+from mil_jax import checkpoint, distributed, optim, sharding
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import Interrupted, UserError
 from mil_jax.metric_writers import MetricWriter
@@ -231,9 +230,7 @@ class Trainer:
     cfg = self.config
     spe, k_max = self.steps_per_epoch, max(1, cfg.steps_per_dispatch)
     step = int(state.step)
-    stop: list[int] = []
-    old_handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
+    stops = distributed.StopRequests()
     in_flight = InFlight()
     try:
       while step < self.total_steps:
@@ -250,10 +247,11 @@ class Trainer:
           in_flight.add(metrics)
           pending.append(metrics)
           step += k
+          stop = stops.poll()  # on several processes: the same step on all of them
           end_of_epoch = step == (epoch + 1) * spe
           log_now = end_of_epoch or step // cfg.log_every_steps > last_log // cfg.log_every_steps
           ckpt_now = step // cfg.checkpoint_every_steps > (step - k) // cfg.checkpoint_every_steps
-          if log_now or ckpt_now or stop:
+          if log_now or ckpt_now or stop is not None:
             host = self._flush(pending, step)
             pending = []
             epoch_losses.extend(host['train/loss'])
@@ -264,10 +262,10 @@ class Trainer:
             bar.update(step - last_log)
             bar.set_postfix(loss=f'{means["train/loss"]:.4g}', img_s=f'{rate:,.0f}')
             last_log, t_log = step, now
-          if stop:
+          if stop is not None:
             self._save(mngr, state, meta, step, None)
             mngr.wait_until_finished()
-            raise Interrupted(stop[0], step)
+            raise Interrupted(stop, step)
           if ckpt_now and not end_of_epoch:
             self._save(mngr, state, meta, step, None)
         bar.close()
@@ -281,8 +279,7 @@ class Trainer:
         metrics = {k: v for k, v in summary.items() if k == checkpoint.BEST_METRIC}
         self._save(mngr, state, meta, step, metrics or None)
     finally:
-      for s, handler in old_handlers.items():
-        signal.signal(s, handler)
+      stops.close()
       mngr.wait_until_finished()
     return state
 

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from mil_jax import distributed
 from mil_jax.errors import UserError
 from mil_jax.paths import user_path
 
@@ -192,7 +193,12 @@ def claim(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict, *,
     config_json = json.loads(config.to_json())
     if main_process:
       _check_config(path, config_json, overwrite)
-      (path / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + '\n')
+      # Replaced in one step: the other processes of the run read it meanwhile.
+      tmp = path / f'{CONFIG_FILE}.tmp'
+      tmp.write_text(json.dumps(config_json, indent=2) + '\n')
+      os.replace(tmp, path / CONFIG_FILE)
+    # No process opens the checkpoints before process 0 has removed a replaced run's.
+    distributed.barrier(f'workdir prepared: {path}')
     yield path
   finally:
     lock.release()
