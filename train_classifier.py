@@ -16,7 +16,7 @@ _CONFIG, _WORKDIR, _OVERWRITE = cli.define_run_flags(
     str(cli.CONFIG_DIR / 'classifier.py'),
     'Classifier config and variant, e.g. configs/classifier.py:seed.',
     'Where checkpoints, metrics and plots go '
-    '(default: runs/classify_<mode>_<frozen|tuned>_<model>).')
+    '(default: runs/classify_<mode>_<frozen|tuned|scratch>_<model>).')
 _MODE = flags.DEFINE_string('mode', None, 'probing (linear head) | fine_tune (MLP head) | knn.')
 _FREEZE = flags.DEFINE_bool('freeze', None, 'Keep the encoder fixed (--nofreeze trains it).')
 _PRETRAINED = flags.DEFINE_string(

@@ -3,7 +3,7 @@ r"""The study's sweep of the Conv autoencoder's size, as one command.
 Command:
   python -m mil_jax.sweep --config configs/sweep.py:quick --workdir runs/sweep       # one GPU
   python -m mil_jax.sweep --config configs/sweep.py:seed --workdir runs/sweep_seed   # 100 epochs
-  python -m mil_jax.sweep --config configs/sweep.py:runlocal --workdir /tmp/sweep    # fake data
+  python -m mil_jax.sweep --config configs/sweep.py:runlocal --workdir runs/sweep_smoke  # fake data
   # Real CIFAR-10 on a 2-core CPU: 45,000 images to train, 5,000 held out.
   python -m mil_jax.sweep --config configs/sweep.py:cpu --workdir runs/sweep_cpu \
       --config.data.source=npz:/path/cifar10.npz \

@@ -305,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   Args:
     config: a classifier config (``configs/classifier.py``).
     workdir: where checkpoints, metrics and ``accuracy.png`` go; None:
-      ``<runs_dir>/classify_<mode>_<frozen|tuned>_<model>``.
+      ``<runs_dir>/classify_<mode>_<frozen|tuned|scratch>_<model>``.
     overwrite: replace a run of a different config found in ``workdir``.
 
   Returns:
@@ -320,7 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   train_split = ip.load_split(config.data, config.data.train_split)
   eval_split = ip.load_split(config.data, config.data.eval_split)
   if workdir is None:
-    tuned = 'frozen' if config.freeze else 'tuned'
+    # A fresh encoder's run must not meet a pretrained one's in the same workdir.
+    tuned = 'frozen' if config.freeze else 'scratch' if config.from_scratch else 'tuned'
     workdir = pathlib.Path(config.runs_dir) / f'classify_{config.mode}_{tuned}_{model_cfg["name"]}'
   print(f'encoder: {model_cfg["name"]} from {source}', flush=True)
 

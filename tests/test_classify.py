@@ -171,7 +171,7 @@ def test_from_scratch_needs_no_checkpoint(tmp_path):
   config = clf_config('', mode='fine_tune', freeze=False, from_scratch=True,
                       model_type='conv:192,runlocal', num_epochs=1, runs_dir=str(tmp_path))
   final = classify.train_and_evaluate(config, None)
-  workdir = tmp_path / 'classify_fine_tune_tuned_conv'
+  workdir = tmp_path / 'classify_fine_tune_scratch_conv'
   assert_picture(workdir / 'accuracy.png', curves=2)
   assert 0.0 <= final['eval/accuracy'] <= 1.0
   last = read_metrics(workdir)[-1]
