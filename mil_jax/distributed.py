@@ -219,7 +219,7 @@ def start(launch: Launch) -> None:
 def barrier(name: str) -> None:
   """Waits until every process of the run got here (a no-op with one process).
 
-  ``name`` must be unique within the run and the same on every process.
+  ``name`` must be the same on every process (JAX checks it).
   """
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
