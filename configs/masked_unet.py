@@ -23,8 +23,15 @@ Training: 100 epochs of batch 32 (as the Conv autoencoder), Adam 1e-3 with a
 cosine decay to 0 over the run (our choice: the Conv autoencoder's 1e-4 is
 the study's replay).
 
-Expected runtime (1,563 steps per epoch): EXPECTED_RUNTIME
-Expected result: EXPECTED_RESULT
+Expected runtime (1,563 steps per epoch of 50,000 images): the `base`
+training step at batch 32 ran at 300-800 images/s on a 2-core Intel Xeon
+(Sapphire Rapids class) shared with other jobs (load average about 10), so
+100 epochs are about 3 hours on such a CPU; 2 epochs of 45,000 images took
+15 minutes there, validation included. Not timed on a GPU.
+Expected result: not measured at 100 epochs. After 2 epochs on real CIFAR-10
+images (45,000 to train, 5,000 held out; README, Results): PSNR 20.8 dB with
+the visible pixels, 18.6 dB on the removed ones alone, kNN accuracy .367, a
+linear probe on the frozen encoder .275.
 """
 from __future__ import annotations
 

@@ -189,6 +189,23 @@ def test_encode_is_deterministic_unmasked_and_the_pooled_bottleneck():
   np.testing.assert_allclose(f1, want, rtol=1e-5, atol=1e-6)
 
 
+def test_bfloat16_forward_keeps_float32_params():
+  cfg = _tiny(dtype='bfloat16')
+  ae = models.build_autoencoder(cfg)
+  shapes = jax.eval_shape(lambda x: ae.init(RNGS, x, train=False), IMAGES)
+  assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+  variables = _random_params(cfg)
+
+  @jax.jit
+  def run(variables, x):
+    recon, _ = ae.apply(variables, x, train=True, rngs={'masking': jax.random.key(0)})
+    return recon, ae.apply(variables, x, method='encode')
+
+  recon, features = run(variables, _images(2))
+  assert recon.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(recon)))
+  assert features.dtype == jnp.bfloat16 and features.shape == (2, 16)
+
+
 @pytest.mark.parametrize('overrides, words', [
     ({'patch_size': 5}, ['patch_size', '32']),
     ({'mask_ratio': 1.0}, ['mask_ratio']),
