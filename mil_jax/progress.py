@@ -1,0 +1,64 @@
+"""The host's side of a training run: where ``Trainer.fit`` is and what it waits for."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from mil_jax import timing
+from mil_jax.metric_writers import MetricWriter
+
+
+@dataclasses.dataclass
+class Progress:
+  """What the named steps of ``Trainer.fit`` share, on the host.
+
+  Attributes:
+    step: the step the devices will have reached once the dispatched calls end.
+    saved_step, saved_time: step and ``time.monotonic()`` of the last save.
+    writer, mngr, meta: where metrics and checkpoints go, and the checkpoints' meta.
+    stop: the signals received (SIGINT, SIGTERM), oldest first.
+    in_flight: the dispatched calls the host may run ahead of (``trainer.InFlight``).
+    pending: ``(step, metrics)`` of each dispatched call whose metrics are not
+      on the host yet, oldest first.
+    logged: step and ``time.perf_counter()`` of the last log.
+    best: the lowest validation loss this process saved.
+    clock: the time of each phase of the current epoch.
+    startup_s: process start to the first dispatched call (None before it).
+    epochs: epochs this process finished.
+  """
+  step: int
+  saved_step: int
+  writer: MetricWriter
+  mngr: ocp.CheckpointManager
+  meta: dict[str, Any]
+  stop: list[int]
+  in_flight: Any = None
+  pending: list[tuple[int, dict[str, jax.Array]]] = dataclasses.field(default_factory=list)
+  logged: tuple[int, float] = (0, 0.0)
+  saved_time: float = dataclasses.field(default_factory=time.monotonic)
+  best: float = math.inf
+  clock: timing.PhaseClock = dataclasses.field(default_factory=timing.PhaseClock)
+  startup_s: float | None = None
+  epochs: int = 0
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+  """Within the block, SIGINT and SIGTERM are appended to the yielded list
+  instead of ending the process, so that the loop can save first."""
+  stop: list[int] = []
+  old = {s: signal.signal(s, lambda signum, _: stop.append(signum))
+         for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield stop
+  finally:
+    for s, handler in old.items():
+      signal.signal(s, handler)
