@@ -398,12 +398,6 @@ def main(argv: list[str]) -> None:
   if grid is None:
     cli.fail('no config given; pass --config configs/reproduce.py:seed|quick|cpu|runlocal.')
   workdir = pathlib.Path(flags.FLAGS.workdir or 'runs/reproduce')
-  if flags.FLAGS.compile_cache and not jax.config.jax_compilation_cache_dir:
-    # Many cells compile the same programs (the columns of a row share their
-    # steps, FC+l1 and FC+l2 share their encoder): compile each once, and
-    # skip compiling on a rerun. Set before the first compile, which fixes it.
-    jax.config.update('jax_compilation_cache_dir', str(workdir.absolute() / 'compile_cache'))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   results = run_grid(grid, workdir, overwrite=flags.FLAGS.overwrite)
   failed = sorted(k for k, r in results['cells'].items() if r['status'] != 'ok')
   print(f'results: {workdir / RESULTS_MD}, {workdir / RESULTS_JSON}, {workdir / REPORT_PNG}')
@@ -414,13 +408,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  from absl import flags
-
   from mil_jax import cli
 
   cli.define_run_flags(None, 'The grid and its variant, e.g. configs/reproduce.py:quick.',
                        'Where the grid\'s cells and results go (default: runs/reproduce).')
-  flags.DEFINE_bool('compile_cache', True,
-                    'Keep compiled programs in WORKDIR/compile_cache (unless '
-                    'JAX_COMPILATION_CACHE_DIR is set) and reuse them across cells and reruns.')
   cli.run(main)
