@@ -29,7 +29,9 @@ class Progress:
     pending: ``(step, metrics)`` of each dispatched call whose metrics are not
       on the host yet, oldest first.
     logged: step and ``time.perf_counter()`` of the last log.
-    best: the lowest validation loss this process saved.
+    best: the lowest validation loss this process has seen.
+    kept: ``(step, state, metrics)`` of a best state not written yet: a copy,
+      which the next save writes first (None when there is none).
     clock: the time of each phase of the current epoch.
     startup_s: process start to the first dispatched call (None before it).
     epochs: epochs this process finished.
@@ -45,6 +47,7 @@ class Progress:
   logged: tuple[int, float] = (0, 0.0)
   saved_time: float = dataclasses.field(default_factory=time.monotonic)
   best: float = math.inf
+  kept: tuple[int, Any, dict[str, float]] | None = None
   clock: timing.PhaseClock = dataclasses.field(default_factory=timing.PhaseClock)
   startup_s: float | None = None
   epochs: int = 0

@@ -16,8 +16,7 @@ Steps run ``steps_per_dispatch`` at a time under ``lax.scan`` in one jitted
 call that donates the state; the batch of step ``t`` comes from the epoch
 permutation of ``(seed, t // steps_per_epoch)`` and its randomness from
 ``fold_in(key(seed), t)``, so a resumed run repeats an uninterrupted one.
-Metrics reach the host at logging steps one call late (the devices run the
-newest call meanwhile), and whole at saves and epoch ends.
+Metrics reach the host one call late at logging steps, in full at saves and epoch ends.
 """
 from __future__ import annotations
 
@@ -227,8 +226,8 @@ class Trainer:
 
     Each epoch runs its steps (``_train_epoch``, which logs, saves the latest
     checkpoint when one is due and stops on a signal), validates when due
-    (``_evaluate_epoch``), saves when the epoch's validation loss is the best
-    yet (``_save_epoch``) and writes the epoch's record (``_log_epoch``).
+    (``_evaluate_epoch``), saves or keeps the best state (``_save_epoch``) and
+    writes the epoch's record (``_log_epoch``).
     Stops with :class:`TrainingDiverged` on a non-finite loss without saving
     it, and with :class:`Interrupted` after saving when SIGINT/SIGTERM arrives.
     """
@@ -268,11 +267,10 @@ class Trainer:
       if save_now or log_now or run.step == end:
         # A save or the epoch's end checks every loss; a log leaves the newest call running.
         losses += self._log_steps(run, bar, keep=0 if save_now or run.step == end else 1)
-      if run.stop:
-        self._save(state, run, None, wait=True)
-        raise Interrupted(run.stop[0], run.step)
       if save_now:
-        self._save(state, run, None)
+        self._save(state, run, None, wait=bool(run.stop))
+      if run.stop:
+        raise Interrupted(run.stop[0], run.step)
     bar.close()
     return state, float(np.mean(losses))
 
@@ -299,12 +297,10 @@ class Trainer:
     ``checkpoint_every_secs`` seconds after the last save (0 turns a bound off).
     Processes must agree to save, so with several process 0's clock decides, at logs."""
     cfg = self.config
-    if 0 < cfg.checkpoint_every_steps <= run.step - run.saved_step:
-      return True
     due = 0 < cfg.checkpoint_every_secs <= time.monotonic() - run.saved_time
     if jax.process_count() > 1:
       due = log_now and bool(multihost_utils.broadcast_one_to_all(np.bool_(due)))
-    return due
+    return due or 0 < cfg.checkpoint_every_steps <= run.step - run.saved_step
 
   def _evaluate_epoch(self, state: TrainState, run: Progress) -> dict[str, float]:
     """Validation metrics every ``eval_every_epochs`` epochs and after the last; else ``{}``."""
@@ -315,14 +311,17 @@ class Trainer:
       return self.evaluate(state)
 
   def _save_epoch(self, state: TrainState, run: Progress, summary: dict[str, float]) -> None:
-    """Saves when the epoch's validation loss is the best yet, the latest is due, or at the end."""
+    """Saves at the end or when due; else keeps a best state, which the next save writes first."""
     metrics = {k: v for k, v in summary.items() if k == checkpoint.BEST_METRIC}
-    loss = metrics.get(checkpoint.BEST_METRIC, math.nan)
-    best, last = loss < run.best, run.step == self.total_steps
-    if best or last or self._checkpoint_due(run, True):
-      self._save(state, run, metrics or None, wait=last)
+    loss, last = metrics.get(checkpoint.BEST_METRIC, math.nan), run.step == self.total_steps
+    best = loss < run.best
     if best:
-      run.best = loss
+      run.best, run.kept = loss, None  # a newer best replaces a kept one
+    if last or self._checkpoint_due(run, True):
+      self._save(state, run, metrics or None, wait=last)
+    elif best:
+      with run.clock.phase('checkpoint'):  # a copy: the next call donates ``state``
+        run.kept = (run.step, jax.tree.map(lambda x: x.copy(), state), metrics)
 
   def _log_epoch(self, run: Progress, summary: dict[str, float]) -> None:
     """The epoch's record: its metrics and where its time went (the start-up, on the last)."""
@@ -352,16 +351,17 @@ class Trainer:
 
   def _save(self, state: TrainState, run: Progress, metrics: dict[str, float] | None, *,
             wait: bool = False) -> None:
-    """Saves ``state`` in the background (orbax waits for the previous save); ``wait``: this too."""
-    if metrics is not None and not all(math.isfinite(v) for v in metrics.values()):
-      metrics = None  # A NaN validation loss must not rank as "best".
-    meta = {**run.meta, 'step': run.step, 'epoch': run.step / self.steps_per_epoch}
+    """Saves the kept best if any, then ``state``, in the background; ``wait``: until written."""
     with run.clock.phase('checkpoint'):
-      checkpoint.save(run.mngr, run.step, params=state.params, opt_state=state.opt_state,
-                      model_state=state.model_state, meta=meta, metrics=metrics)
+      for step, saved, values in [*filter(None, [run.kept]), (run.step, state, metrics)]:
+        if values and not all(math.isfinite(v) for v in values.values()):
+          values = None  # A NaN validation loss must not rank as "best".
+        meta = {**run.meta, 'step': step, 'epoch': step / self.steps_per_epoch}
+        checkpoint.save(run.mngr, step, params=saved.params, opt_state=saved.opt_state,
+                        model_state=saved.model_state, meta=meta, metrics=values)
       if wait:
         run.mngr.wait_until_finished()
-    run.saved_step, run.saved_time = run.step, time.monotonic()
+    run.kept, run.saved_step, run.saved_time = None, run.step, time.monotonic()
 
   def run(self, state: TrainState, workdir: str | pathlib.Path, *, meta: dict[str, Any],
           overwrite: bool = False) -> tuple[TrainState, dict[str, float], pathlib.Path]:

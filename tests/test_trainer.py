@@ -38,12 +38,15 @@ def saves(monkeypatch):
   return saved
 
 
-def script_eval_losses(monkeypatch, losses):
-  """Makes Trainer.evaluate return ``losses`` in turn (then the last again); returns the calls."""
+def script_eval_losses(monkeypatch, losses, params=None):
+  """Makes Trainer.evaluate return ``losses`` in turn (then the last again); returns the
+  steps it was called at, and puts the params it saw in ``params`` by step."""
   calls = []
 
   def evaluate(self, state):
     calls.append(int(state.step))
+    if params is not None:
+      params[int(state.step)] = jax.device_get(state.params)
     loss = losses[min(len(calls), len(losses)) - 1]
     return {'eval/loss': loss, 'eval/mse': loss, 'eval/psnr': 0.0}
 
@@ -51,21 +54,31 @@ def script_eval_losses(monkeypatch, losses):
   return calls
 
 
-def test_saves_at_improvements_and_at_the_end_and_the_best_is_found(tmp_path, monkeypatch,
-                                                                     saves):
-  losses = [3.0, 2.0, 2.5, 1.0, 1.5]
-  script_eval_losses(monkeypatch, losses)
-  pretrain.train_and_evaluate(tiny_fc(num_epochs=5), tmp_path)
-  # An epoch is saved when its loss is below every earlier one, and the last always.
-  better = [i for i, v in enumerate(losses) if v < min(losses[:i], default=np.inf)]
-  expected = sorted({*better, len(losses) - 1})
-  assert [s for s, _, _ in saves] == [4 * (i + 1) for i in expected]
-  assert [m for _, m, _ in saves] == [{'eval/loss': losses[i]} for i in expected]
+def test_a_best_state_is_kept_until_the_next_save_and_then_found(tmp_path, monkeypatch, saves):
+  evaluated = {}
+  script_eval_losses(monkeypatch, [3.0, 2.0, 2.5, 1.0, 1.5], evaluated)
+  # 4 steps an epoch in calls of 2, the latest due every 6 steps.
+  pretrain.train_and_evaluate(tiny_fc(num_epochs=5, checkpoint_every_steps=6), tmp_path)
+  assert [(s, m) for s, m, _ in saves] == [
+      (4, {'eval/loss': 3.0}),   # the best of epoch 1, kept, written before ...
+      (6, None),                 # ... the latest, due 6 steps after the start
+      (8, {'eval/loss': 2.0}),   # epoch 2's better one, kept until ...
+      (12, {'eval/loss': 2.5}),  # ... the end of epoch 3, when the latest is due
+      (16, {'eval/loss': 1.0}),  # epoch 4's best, kept until ...
+      (18, None),                # ... the latest at step 18
+      (20, {'eval/loss': 1.5})]  # the end
   directory, best = checkpoint.find_checkpoint(tmp_path)
-  assert best == 4 * (int(np.argmin(losses)) + 1)
-  params_then = next(p for s, _, p in saves if s == best)
-  jax.tree.map(np.testing.assert_array_equal, params_then,
+  assert best == 16
+  # What was written for step 16 is the state that was evaluated there.
+  jax.tree.map(np.testing.assert_array_equal, evaluated[16],
                checkpoint.restore_params(directory, best))
+
+
+def test_without_timed_saves_the_best_and_the_end_are_written(tmp_path, monkeypatch, saves):
+  script_eval_losses(monkeypatch, [3.0, 1.0, 2.0])
+  pretrain.train_and_evaluate(tiny_fc(num_epochs=3), tmp_path)
+  assert [(s, m) for s, m, _ in saves] == [(8, {'eval/loss': 1.0}), (12, {'eval/loss': 2.0})]
+  assert checkpoint.find_checkpoint(tmp_path)[1] == 8
 
 
 def test_validation_every_n_epochs_and_the_latest_saved_by_time(tmp_path, monkeypatch, saves):
