@@ -92,8 +92,13 @@ def loop_config(config: ml_collections.ConfigDict, *, batch_size: int, num_epoch
   config.num_epochs = num_epochs
   config.steps_per_dispatch = steps_per_dispatch  # train steps per jitted call (lax.scan)
   config.log_every_steps = 50
-  config.eval_every_epochs = 1
-  config.checkpoint_every_steps = 1000      # also at the end of every epoch
+  config.eval_every_epochs = 1              # validation every N epochs, and after the last
+  # The latest checkpoint is saved in the background this often (a hard kill
+  # loses at most that much training; 0 turns a bound off), on SIGINT/SIGTERM
+  # and at the end; a state whose validation loss is the best yet is kept and
+  # written just before the next of those saves.
+  config.checkpoint_every_secs = 300.0
+  config.checkpoint_every_steps = 0
   config.keep_checkpoints = 1               # latest ones kept, besides the best
 
 

@@ -5,6 +5,7 @@ r"""Speed of the real training steps: ``python -m mil_jax.bench``.
   python -m mil_jax.bench --model conv:256 --stage probe
   python -m mil_jax.bench --model fc --model conv:192 --batch 128,1024 --epoch
   python -m mil_jax.bench --all          # the reference set, one JSON line each
+  python -m mil_jax.bench --model conv:192 --batch 32 --run   # a whole run against its steps
 
 Each configuration (every ``--model`` with every ``--batch``) prints one JSON
 line. The timed program is the project's own ``Trainer.train_chunk``: built
@@ -30,13 +31,18 @@ step's mesh, ``sharding.training_mesh``), ``cpu_tuning`` (what
 epoch of a 50,000-image split (CIFAR's training set), run as the trainer runs
 it (the epoch's permutation, then its steps ``K`` at a time, the last call
 taking the remainder); evaluation and checkpoints, which a run adds once per
-epoch, are not in it.
+epoch, are not in it. ``--run`` prints instead, per configuration, such
+epochs beside those of a whole ``train_pretrain.py`` run on the same data and
+their ratio (``bench_run``, ``mil_jax.run_bench``).
 """
 from __future__ import annotations
 
 import json
 import math
+import pathlib
 import statistics
+import subprocess
+import tempfile
 import time
 from typing import Any
 
@@ -47,7 +53,7 @@ from absl import flags
 
 import configs
 from configs import classifier as classifier_configs
-from mil_jax import classify, cli, models, platform, pretrain, sharding, trainer
+from mil_jax import classify, cli, models, platform, pretrain, run_bench, sharding, trainer
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import UserError
 
@@ -79,6 +85,12 @@ _SECONDS = flags.DEFINE_float('seconds', 3.0, 'Approximate length of one timed w
 _WINDOWS = flags.DEFINE_integer('windows', 3, 'Timed windows; the median is reported.')
 _EPOCH = flags.DEFINE_bool('epoch', False, f'Also time whole epochs of {EPOCH_IMAGES:,} images '
                            '(the epoch_s field).')
+_RUN = flags.DEFINE_bool('run', False, 'Time a whole train_pretrain.py run beside whole epochs '
+                         'of its steps alone (pretraining only; see mil_jax.run_bench).')
+_RUN_EPOCHS = flags.DEFINE_integer('run_epochs', 3, 'Epochs of the --run run (at least 2: the '
+                                   'first, which compiles, is left out).')
+_RUN_IMAGES = flags.DEFINE_integer('run_images', EPOCH_IMAGES, 'Training images of --run (and '
+                                   'a fifth of that many validation images).')
 
 
 def load_config(spec: str, batch: int, dtype: str, steps_per_dispatch: int,
@@ -294,6 +306,39 @@ def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'f
   }
 
 
+def bench_run(spec: str, batch: int, *, dtype: str = 'float32', steps_per_dispatch: int = 0,
+              windows: int = 3, images: int = EPOCH_IMAGES, epochs: int = 3,
+              compile_cache: bool = False) -> dict[str, Any]:
+  """Times a whole ``train_pretrain.py`` run of ``epochs`` epochs of ``images``
+  images, between two sets of ``windows`` steps-only epochs of the same size
+  (so that a shared machine's drift shows in both); returns the JSON record."""
+  if epochs < 2 or images < max(batch, 1):
+    raise UserError(f'--run needs --run_epochs of at least 2 (got {epochs}) and --run_images of '
+                    f'at least one batch (got {images}).')
+  config = load_config(spec, batch, dtype, steps_per_dispatch, train_size=images)
+  loop, state, _ = build(config, 'pretrain')
+  k, data = loop.config.steps_per_dispatch, loop.train_data
+  compiled = loop.train_chunk.lower(state, data, loop.permutation(state.step), k).compile()
+  before, state = _time_epochs(loop, compiled, state, windows)
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = pathlib.Path(tmp) / 'run'
+    t0 = time.perf_counter()
+    out = subprocess.run(run_bench.command(
+        spec, batch=config.batch_size, dtype=dtype, steps_per_dispatch=k, num_classes=NUM_CLASSES,
+        images=images, epochs=epochs, workdir=workdir, compile_cache=compile_cache),
+        capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if out.returncode:
+      raise RuntimeError(f'the run of {spec} failed: {out.stderr[-3000:]}')
+    epoch_records = run_bench.epoch_records(workdir)
+  after, _ = _time_epochs(loop, compiled, state, windows)
+  return {'model': spec, 'stage': 'run', 'batch': config.batch_size, 'dtype': dtype,
+          'steps_per_dispatch': k, 'epoch_images': loop.steps_per_epoch * config.batch_size,
+          'epochs': epochs, **run_bench.summary(before + after, epoch_records),
+          'run_wall_s': round(wall, 2), 'backend': jax.default_backend(),
+          'device_kind': loop.mesh.devices.flat[0].device_kind, 'num_devices': loop.mesh.size}
+
+
 def main(argv: list[str]) -> None:
   if _ALL.value:
     runs = [(m, b, s, 0) for m, b, s in REFERENCE_SET]
@@ -304,6 +349,16 @@ def main(argv: list[str]) -> None:
       raise UserError(f'--batch takes whole numbers separated by commas, got '
                       f'{",".join(_BATCH.value)!r}.') from None
     runs = [(m, b, _STAGE.value, _K.value) for m in _MODEL.value for b in batches]
+  if _RUN.value:
+    if _STAGE.value != 'pretrain' and not _ALL.value:
+      raise UserError('--run times train_pretrain.py runs: drop --stage.')
+    cache = flags.FLAGS['compile_cache'].present and flags.FLAGS.compile_cache
+    for spec, batch, _, k in [r for r in runs if r[2] == 'pretrain']:
+      record = bench_run(spec, batch, dtype=_DTYPE.value, steps_per_dispatch=k,
+                         windows=_WINDOWS.value, images=_RUN_IMAGES.value,
+                         epochs=_RUN_EPOCHS.value, compile_cache=cache)
+      print(json.dumps(record), flush=True)
+    return
   for spec, batch, stage, k in runs:
     record = bench_one(spec, batch, stage=stage, dtype=_DTYPE.value, steps_per_dispatch=k,
                        seconds=_SECONDS.value, windows=_WINDOWS.value,
@@ -312,4 +367,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, compile_cache=False)  # compile_s times compiling, not reading a cache

@@ -22,6 +22,13 @@ from mil_jax.errors import Interrupted, UserError
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 
 flags.DEFINE_bool('debug', False, 'Show the full traceback of a user error, and INFO logs.')
+# Compiled programs are kept on disk, so that a rerun of a config starts
+# without compiling; MIL_JAX_COMPILE_CACHE=0 turns that off like --nocompile_cache.
+COMPILE_CACHE_ENV = 'MIL_JAX_COMPILE_CACHE'
+flags.DEFINE_bool('compile_cache', os.environ.get(COMPILE_CACHE_ENV, '1') != '0',
+                  'Keep compiled programs in a per-user folder ($XDG_CACHE_HOME/mil_jax/jax, '
+                  'else ~/.cache/mil_jax/jax; JAX_COMPILATION_CACHE_DIR picks another) and '
+                  f'reuse them; --nocompile_cache or {COMPILE_CACHE_ENV}=0 turns it off.')
 
 # TensorFlow (imported by TFDS) prints C++ notices on import; keep them for --debug.
 if '--debug' not in sys.argv:
@@ -180,8 +187,30 @@ def _join_processes() -> None:
   distributed.start(launch)
 
 
+def compile_cache_dir() -> pathlib.Path:
+  """The per-user folder of compiled programs: ``$XDG_CACHE_HOME/mil_jax/jax``."""
+  base = os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache'
+  return pathlib.Path(base) / 'mil_jax' / 'jax'
+
+
+def start_compile_cache(enabled: bool) -> None:
+  """Turns JAX's persistent compilation cache on (in :func:`compile_cache_dir`
+  unless ``JAX_COMPILATION_CACHE_DIR`` names a folder) or off; before the
+  first compilation, which fixes it."""
+  import jax  # noqa: PLC0415  (after platform.configure, like every other jax use)
+  if not enabled:
+    jax.config.update('jax_enable_compilation_cache', False)
+    return
+  if jax.config.jax_compilation_cache_dir:
+    return  # the user's own setting, with its own thresholds
+  jax.config.update('jax_compilation_cache_dir', str(compile_cache_dir()))
+  # Small programs too (the permutation, the optimizer's init): together they
+  # are a good part of a warm start.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
 def run(main: Callable[[list[str]], None], *, kind: str | None = None,
-        type_picks_config: bool = False) -> None:
+        type_picks_config: bool = False, compile_cache: bool = True) -> None:
   """Runs ``main`` under absl with the design's exit codes (see :func:`parse_flags`).
 
   Args:
@@ -189,6 +218,8 @@ def run(main: Callable[[list[str]], None], *, kind: str | None = None,
     kind: the kind of config file ``--config`` must be: 'pretraining',
       'classifier' or 'grid' (None: the program has no ``--config``).
     type_picks_config: see :func:`parse_flags`.
+    compile_cache: False: the persistent compilation cache stays off unless
+      ``--compile_cache`` is given (the benchmark, which times compiling).
   """
 
   def wrapped(argv: list[str]) -> None:
@@ -201,6 +232,8 @@ def run(main: Callable[[list[str]], None], *, kind: str | None = None,
     logging.set_verbosity(logging.INFO if flags.FLAGS.debug else logging.ERROR)
     try:
       _join_processes()  # XLA:CPU flags and other processes, before anything creates the backend
+      cache = flags.FLAGS['compile_cache']
+      start_compile_cache(cache.value if compile_cache or cache.present else False)
       main(argv)
     except UserError as e:
       if flags.FLAGS.debug:

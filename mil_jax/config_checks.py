@@ -69,9 +69,12 @@ def _non_negative(value: float, name: str) -> None:
 
 
 def check_loop(config: ml_collections.ConfigDict) -> None:
-  """The training loop's sizes and intervals: each at least 1."""
+  """The training loop's sizes and intervals: each at least 1, the checkpoint bounds
+  at least 0 (off)."""
   _at_least(config, ('batch_size', 'num_epochs', 'steps_per_dispatch', 'log_every_steps',
-                     'eval_every_epochs', 'checkpoint_every_steps', 'keep_checkpoints'), 1)
+                     'eval_every_epochs', 'keep_checkpoints'), 1)
+  _at_least(config, ('checkpoint_every_steps',), 0)  # 0: no bound by steps
+  _non_negative(config.checkpoint_every_secs, 'checkpoint_every_secs')  # 0: none by time
 
 
 def check_optim(optim: ml_collections.ConfigDict, *, prefix: str = 'optim.') -> None:

@@ -405,18 +405,6 @@ def write_report(grid: ml_collections.ConfigDict, results: dict[str, Any],
 # this module next to another program's flags is harmless).
 
 
-def cache_compiled_programs(workdir: pathlib.Path) -> None:
-  """Keeps compiled programs in ``workdir/compile_cache`` (unless a cache is set already).
-
-  Many cells compile the same programs (the columns of a row share their
-  steps, FC+l1 and FC+l2 share their encoder): compile each once, and skip
-  compiling on a rerun. Call it before the first compile, which fixes it.
-  """
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', str(workdir.absolute() / 'compile_cache'))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-
-
 def exit_if_failed(results: dict[str, Any]) -> None:
   """Says which cells failed and exits 1, when some did."""
   failed = sorted(k for k, r in results['cells'].items() if r['status'] != 'ok')
@@ -435,21 +423,14 @@ def main(argv: list[str]) -> None:
   if grid is None:
     cli.fail('no config given; pass --config configs/reproduce.py:seed|quick|cpu|runlocal.')
   workdir = paths.user_path(flags.FLAGS.workdir or 'runs/reproduce', 'workdir')
-  if flags.FLAGS.compile_cache:
-    cache_compiled_programs(workdir)
   results = run_grid(grid, workdir, overwrite=flags.FLAGS.overwrite)
   print(f'results: {workdir / RESULTS_MD}, {workdir / RESULTS_JSON}, {workdir / REPORT_PNG}')
   exit_if_failed(results)
 
 
 if __name__ == '__main__':
-  from absl import flags
-
   from mil_jax import cli
 
   cli.define_run_flags(None, 'The grid and its variant, e.g. configs/reproduce.py:quick.',
                        'Where the grid\'s cells and results go (default: runs/reproduce).')
-  flags.DEFINE_bool('compile_cache', True,
-                    'Keep compiled programs in WORKDIR/compile_cache (unless '
-                    'JAX_COMPILATION_CACHE_DIR is set) and reuse them across cells and reruns.')
   cli.run(main, kind='grid')

@@ -25,7 +25,7 @@ from typing import Any
 
 import ml_collections
 
-from mil_jax import models, report, reproduce
+from mil_jax import models, paths, report, reproduce
 from mil_jax.errors import UserError
 
 SWEEP_JSON, SWEEP_MD, SWEEP_PNG = 'sweep.json', 'sweep.md', 'sweep.png'
@@ -122,22 +122,15 @@ def main(argv: list[str]) -> None:
   grid = flags.FLAGS.config
   if grid is None:
     cli.fail('no config given; pass --config configs/sweep.py:seed|quick|cpu|runlocal.')
-  workdir = pathlib.Path(flags.FLAGS.workdir or 'runs/sweep')
-  if flags.FLAGS.compile_cache:
-    reproduce.cache_compiled_programs(workdir)
+  workdir = paths.user_path(flags.FLAGS.workdir or 'runs/sweep', 'workdir')
   results, _ = run_sweep(grid, workdir, overwrite=flags.FLAGS.overwrite)
   print(f'sweep: {workdir / SWEEP_MD}, {workdir / SWEEP_JSON}, {workdir / SWEEP_PNG}')
   reproduce.exit_if_failed(results)
 
 
 if __name__ == '__main__':
-  from absl import flags
-
   from mil_jax import cli
 
   cli.define_run_flags(None, 'The sweep and its variant, e.g. configs/sweep.py:quick.',
                        'Where the sweep\'s cells and tables go (default: runs/sweep).')
-  flags.DEFINE_bool('compile_cache', True,
-                    'Keep compiled programs in WORKDIR/compile_cache (unless '
-                    'JAX_COMPILATION_CACHE_DIR is set) and reuse them across cells and reruns.')
-  cli.run(main)
+  cli.run(main, kind='grid')

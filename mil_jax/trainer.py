@@ -16,7 +16,7 @@ Steps run ``steps_per_dispatch`` at a time under ``lax.scan`` in one jitted
 call that donates the state; the batch of step ``t`` comes from the epoch
 permutation of ``(seed, t // steps_per_epoch)`` and its randomness from
 ``fold_in(key(seed), t)``, so a resumed run repeats an uninterrupted one.
-Metrics reach the host only at logging, checkpoint and epoch boundaries.
+Metrics reach the host one call late at logging steps, in full at saves and epoch ends.
 """
 from __future__ import annotations
 
@@ -38,11 +38,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
+from jax.experimental import multihost_utils
 
-from mil_jax import checkpoint, distributed, optim, sharding
+from mil_jax import checkpoint, distributed, optim, sharding, timing
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import Interrupted, UserError
 from mil_jax.metric_writers import MetricWriter
+from mil_jax.progress import Progress
 
 RNG_STREAMS = ('dropout', 'masking', 'augment')
 
@@ -102,7 +104,7 @@ class Trainer:
   Attributes:
     config: the run config (its loop fields: ``seed``, ``batch_size``,
       ``num_epochs``, ``steps_per_dispatch``, ``log_every_steps``,
-      ``eval_every_epochs``, ``checkpoint_every_steps``).
+      ``eval_every_epochs``, ``checkpoint_every_secs``, ``checkpoint_every_steps``).
     mesh: the device mesh; batches are split over its ``'data'`` axis.
     loss_fn, eval_fn: see the module docstring.
     tx, schedule: the optimizer and its learning rate per step.
@@ -222,69 +224,123 @@ class Trainer:
           meta: dict[str, Any]) -> TrainState:
     """Trains from ``state.step`` to the end of the run.
 
-    Saves to ``mngr`` every ``checkpoint_every_steps`` and at every epoch end
-    (with validation metrics, so the best is kept), stops with
-    :class:`TrainingDiverged` on a non-finite loss without saving it, and with
-    :class:`Interrupted` after saving when SIGINT/SIGTERM arrives.
+    Each epoch runs its steps (``_train_epoch``, which logs, saves the latest
+    checkpoint when one is due and stops on a signal), validates when due
+    (``_evaluate_epoch``), saves or keeps the best state (``_save_epoch``) and
+    writes the epoch's record (``_log_epoch``).
+    Stops with :class:`TrainingDiverged` on a non-finite loss without saving
+    it, and with :class:`Interrupted` after saving when SIGINT/SIGTERM arrives.
     """
-    cfg = self.config
-    spe, k_max = self.steps_per_epoch, max(1, cfg.steps_per_dispatch)
-    step = int(state.step)
-    stops = distributed.StopRequests()
-    in_flight = InFlight()
+    requests = distributed.StopRequests()  # SIGINT/SIGTERM: one step where every process stops
+    run = Progress(step=int(state.step), saved_step=int(state.step), writer=writer,
+                   mngr=mngr, meta=meta, stop=[], stop_requests=requests, in_flight=InFlight())
     try:
-      while step < self.total_steps:
-        epoch = step // spe
-        perm = self.permutation(state.step)
-        pending: list[dict[str, jax.Array]] = []
-        epoch_losses: list[float] = []
-        bar = tqdm.tqdm(total=spe, initial=step % spe, desc=f'epoch {epoch + 1}/{cfg.num_epochs}',
-                        disable=None, leave=False, unit='step', file=sys.stderr)
-        last_log, t_log = step, time.perf_counter()
-        while step < (epoch + 1) * spe:
-          k = min(k_max, (epoch + 1) * spe - step)
-          state, metrics = self.train_chunk(state, self.train_data, perm, k)
-          in_flight.add(metrics)
-          pending.append(metrics)
-          step += k
-          stop = stops.poll()  # on several processes: the same step on all of them
-          end_of_epoch = step == (epoch + 1) * spe
-          log_now = end_of_epoch or step // cfg.log_every_steps > last_log // cfg.log_every_steps
-          ckpt_now = step // cfg.checkpoint_every_steps > (step - k) // cfg.checkpoint_every_steps
-          if log_now or ckpt_now or stop is not None:
-            host = self._flush(pending, step)
-            pending = []
-            epoch_losses.extend(host['train/loss'])
-            now = time.perf_counter()
-            rate = (step - last_log) * cfg.batch_size / max(now - t_log, 1e-9)
-            means = {name: float(np.nanmean(v)) for name, v in host.items()}
-            writer.write(step, step / spe, {**means, 'train/images_per_s': rate})
-            bar.update(step - last_log)
-            bar.set_postfix(loss=f'{means["train/loss"]:.4g}', img_s=f'{rate:,.0f}')
-            last_log, t_log = step, now
-          if stop is not None:
-            self._save(mngr, state, meta, step, None)
-            mngr.wait_until_finished()
-            raise Interrupted(stop, step)
-          if ckpt_now and not end_of_epoch:
-            self._save(mngr, state, meta, step, None)
-        bar.close()
-        summary = {'train/loss': float(np.mean(epoch_losses))} if epoch_losses else {}
-        last_epoch = epoch + 1 == cfg.num_epochs
-        if (epoch + 1) % cfg.eval_every_epochs == 0 or last_epoch:
-          summary.update(self.evaluate(state))
-        writer.write(step, epoch + 1, summary)
-        print(f'epoch {epoch + 1}/{cfg.num_epochs} step {step}: '
-              + ', '.join(f'{k} {v:.4g}' for k, v in summary.items()), flush=True)
-        metrics = {k: v for k, v in summary.items() if k == checkpoint.BEST_METRIC}
-        self._save(mngr, state, meta, step, metrics or None)
+      while run.step < self.total_steps:
+        state, train_loss = self._train_epoch(state, run)
+        summary = {'train/loss': train_loss, **self._evaluate_epoch(state, run)}
+        self._save_epoch(state, run, summary)
+        self._log_epoch(run, summary)
     finally:
-      stops.close()
+      requests.close()
       mngr.wait_until_finished()
+    if run.startup_s is not None:
+      print(timing.breakdown(run.clock.totals, run.startup_s, run.epochs), flush=True)
     return state
 
+  def _train_epoch(self, state: TrainState, run: Progress) -> tuple[TrainState, float]:
+    """The current epoch's remaining steps; returns the state and their mean loss."""
+    cfg, spe = self.config, self.steps_per_epoch
+    end = (run.step // spe + 1) * spe
+    bar = tqdm.tqdm(total=spe, initial=run.step % spe, desc=f'epoch {end // spe}/{cfg.num_epochs}',
+                    disable=None, leave=False, unit='step', file=sys.stderr)
+    run.logged = (run.step, time.perf_counter())
+    perm, losses = self.permutation(state.step), []
+    while run.step < end:
+      k = min(max(1, cfg.steps_per_dispatch), end - run.step)
+      with run.clock.phase('train'):
+        state, metrics = self.train_chunk(state, self.train_data, perm, k)
+        run.in_flight.add(metrics)
+      run.startup_s = run.startup_s or timing.process_age()
+      run.step += k
+      run.pending.append((run.step, metrics))
+      signum = run.stop_requests.poll()  # after every call, the same number of times everywhere
+      if signum is not None and not run.stop:
+        run.stop.append(signum)
+      log_now = run.step // cfg.log_every_steps > (run.step - k) // cfg.log_every_steps
+      save_now = bool(run.stop) or (run.step < end and self._checkpoint_due(run, log_now))
+      if save_now or log_now or run.step == end:
+        # A save or the epoch's end checks every loss; a log leaves the newest call running.
+        losses += self._log_steps(run, bar, keep=0 if save_now or run.step == end else 1)
+      if save_now:
+        self._save(state, run, None, wait=bool(run.stop))
+      if run.stop:
+        raise Interrupted(run.stop[0], run.step)
+    bar.close()
+    return state, float(np.mean(losses))
+
+  def _log_steps(self, run: Progress, bar: tqdm.tqdm, *, keep: int) -> list[float]:
+    """Logs the mean metrics of the pending chunks but the newest ``keep``; returns their losses."""
+    split = len(run.pending) - keep
+    ready, run.pending = run.pending[:split], run.pending[split:]
+    if not ready:
+      return []
+    step = ready[-1][0]
+    with run.clock.phase('train'):  # waiting for the steps' results
+      host = self._flush([metrics for _, metrics in ready], step)
+    now = time.perf_counter()
+    rate = (step - run.logged[0]) * self.config.batch_size / max(now - run.logged[1], 1e-9)
+    means = {name: float(np.nanmean(v)) for name, v in host.items()}
+    run.writer.write(step, step / self.steps_per_epoch, {**means, 'train/images_per_s': rate})
+    bar.update(step - run.logged[0])
+    bar.set_postfix(loss=f'{means["train/loss"]:.4g}', img_s=f'{rate:,.0f}')
+    run.logged = (step, now)
+    return list(host['train/loss'])
+
+  def _checkpoint_due(self, run: Progress, log_now: bool) -> bool:
+    """Whether the latest checkpoint is due: ``checkpoint_every_steps`` steps or
+    ``checkpoint_every_secs`` seconds after the last save (0 turns a bound off).
+    Processes must agree to save, so with several process 0's clock decides, at logs."""
+    cfg = self.config
+    due = 0 < cfg.checkpoint_every_secs <= time.monotonic() - run.saved_time
+    if jax.process_count() > 1:
+      due = log_now and bool(multihost_utils.broadcast_one_to_all(np.bool_(due)))
+    return due or 0 < cfg.checkpoint_every_steps <= run.step - run.saved_step
+
+  def _evaluate_epoch(self, state: TrainState, run: Progress) -> dict[str, float]:
+    """Validation metrics every ``eval_every_epochs`` epochs and after the last; else ``{}``."""
+    if (run.step // self.steps_per_epoch) % self.config.eval_every_epochs and (
+        run.step < self.total_steps):
+      return {}
+    with run.clock.phase('eval'):
+      return self.evaluate(state)
+
+  def _save_epoch(self, state: TrainState, run: Progress, summary: dict[str, float]) -> None:
+    """Saves at the end or when due; else keeps a best state, which the next save writes first."""
+    metrics = {k: v for k, v in summary.items() if k == checkpoint.BEST_METRIC}
+    loss, last = metrics.get(checkpoint.BEST_METRIC, math.nan), run.step == self.total_steps
+    best = loss < run.best
+    if best:
+      run.best, run.kept = loss, None  # a newer best replaces a kept one
+    if last or self._checkpoint_due(run, True):
+      self._save(state, run, metrics or None, wait=last)
+    elif best:
+      with run.clock.phase('checkpoint'):  # a copy: the next call donates ``state``
+        run.kept = (run.step, jax.tree.map(lambda x: x.copy(), state), metrics)
+
+  def _log_epoch(self, run: Progress, summary: dict[str, float]) -> None:
+    """The epoch's record: its metrics and where its time went (the start-up, on the last)."""
+    epoch = run.step // self.steps_per_epoch
+    record = {**summary, **run.clock.lap()}
+    if run.step == self.total_steps:
+      record['time/startup_s'] = round(run.startup_s, timing.DIGITS)
+    run.writer.write(run.step, epoch, record)
+    run.epochs += 1
+    print(f'epoch {epoch}/{self.config.num_epochs} step {run.step}: '
+          + ', '.join(f'{k} {v:.4g}' for k, v in summary.items())
+          + f' ({record["time/epoch_s"]:.1f} s)', flush=True)
+
   def _flush(self, pending: list[dict[str, jax.Array]], step: int) -> dict[str, np.ndarray]:
-    """Brings pending metrics to the host and stops on a non-finite loss."""
+    """Brings pending metrics (the last at ``step``) to the host; stops on a non-finite loss."""
     host = jax.device_get(pending)
     merged = {k: np.concatenate([np.asarray(m[k]).reshape(-1) for m in host]) for k in host[0]}
     losses = merged['train/loss']
@@ -297,13 +353,19 @@ class Trainer:
           '--config.optim.grad_clip_norm) and rerun.')
     return merged
 
-  def _save(self, mngr: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any],
-            step: int, metrics: dict[str, float] | None) -> None:
-    if metrics is not None and not all(math.isfinite(v) for v in metrics.values()):
-      metrics = None  # A NaN validation loss must not rank as "best".
-    meta = {**meta, 'step': step, 'epoch': step / self.steps_per_epoch}
-    checkpoint.save(mngr, step, params=state.params, opt_state=state.opt_state,
-                    model_state=state.model_state, meta=meta, metrics=metrics)
+  def _save(self, state: TrainState, run: Progress, metrics: dict[str, float] | None, *,
+            wait: bool = False) -> None:
+    """Saves the kept best if any, then ``state``, in the background; ``wait``: until written."""
+    with run.clock.phase('checkpoint'):
+      for step, saved, values in [*filter(None, [run.kept]), (run.step, state, metrics)]:
+        if values and not all(math.isfinite(v) for v in values.values()):
+          values = None  # A NaN validation loss must not rank as "best".
+        meta = {**run.meta, 'step': step, 'epoch': step / self.steps_per_epoch}
+        checkpoint.save(run.mngr, step, params=saved.params, opt_state=saved.opt_state,
+                        model_state=saved.model_state, meta=meta, metrics=values)
+      if wait:
+        run.mngr.wait_until_finished()
+    run.kept, run.saved_step, run.saved_time = None, run.step, time.monotonic()
 
   def check_programs(self, state: TrainState) -> None:
     """Traces the train and eval programs, so that a config they reject (a loss

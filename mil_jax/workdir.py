@@ -41,8 +41,8 @@ TENSORBOARD_GLOB = 'events.out.tfevents.*'
 # many steps go in one call, and how long it trains (a larger num_epochs
 # extends the run; the learning-rate schedule follows the new length).
 RESUMABLE_FIELDS = frozenset({'num_epochs', 'log_every_steps', 'eval_every_epochs',
-                              'checkpoint_every_steps', 'keep_checkpoints',
-                              'steps_per_dispatch'})
+                              'checkpoint_every_secs', 'checkpoint_every_steps',
+                              'keep_checkpoints', 'steps_per_dispatch'})
 
 
 def _describe(value: Any) -> str:

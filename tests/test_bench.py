@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mil_jax import bench
+from mil_jax import bench, run_bench
 from mil_jax.models import conv_ae
 
 from .conftest import run_command
@@ -168,3 +168,53 @@ def test_conv_programs_compile_without_ynnpack_on_cpu(monkeypatch):
   assert '__ynn' not in compiled_text()
   monkeypatch.setattr(platform, 'CPU_COMPILER_OPTIONS', {})
   assert '__ynn' in compiled_text()
+
+
+def test_run_summary_leaves_out_the_first_epoch():
+  records = [{'time/epoch_s': 10.0, 'time/train_s': 9.0, 'time/eval_s': 0.5,
+              'time/checkpoint_s': 0.25, 'time/other_s': 0.25},
+             {'time/epoch_s': 5.0, 'time/train_s': 4.0, 'time/eval_s': 0.5,
+              'time/checkpoint_s': 0.2, 'time/other_s': 0.3},
+             {'time/epoch_s': 7.0, 'time/train_s': 6.0, 'time/eval_s': 0.7,
+              'time/checkpoint_s': 0.1, 'time/other_s': 0.2},
+             {'time/epoch_s': 6.0, 'time/train_s': 4.5, 'time/eval_s': 0.6,
+              'time/checkpoint_s': 0.6, 'time/other_s': 0.3, 'time/startup_s': 3.0}]
+  out = run_bench.summary([4.0, 6.0, 5.0], records)
+  assert out['step_epoch_s'] == 5.0 and out['run_epoch_s'] == 6.0 and out['ratio'] == 1.2
+  assert (out['run_train_s'], out['run_eval_s'], out['run_checkpoint_s'],
+          out['run_other_s']) == (4.5, 0.6, 0.2, 0.3)
+  assert out['startup_s'] == 3.0 and out['run_epoch_s_windows'] == [10.0, 5.0, 7.0, 6.0]
+
+
+def test_run_command_sets_a_whole_run_beside_its_steps():
+  result = run_command(['-m', 'mil_jax.bench', '--run', '--model', 'fc:runlocal', '--batch', '8',
+                        '--steps_per_dispatch', '2', '--run_images', '40', '--run_epochs', '2',
+                        '--windows', '1'], timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
+  assert len(lines) == 1
+  record = json.loads(lines[0])
+  assert (record['model'], record['stage'], record['batch']) == ('fc:runlocal', 'run', 8)
+  assert record['epoch_images'] == 40 and record['epochs'] == 2
+  assert len(record['step_epoch_s_windows']) == 2  # one epoch before the run, one after
+  assert record['step_epoch_s'] == pytest.approx(np.median(record['step_epoch_s_windows']),
+                                                 abs=1e-4)
+  first, second = record['run_epoch_s_windows']
+  assert record['run_epoch_s'] == second  # the first epoch, which compiles, left out
+  assert record['ratio'] == pytest.approx(second / record['step_epoch_s'], abs=6e-4)
+  parts = [record[f'run_{name}_s'] for name in ('train', 'eval', 'checkpoint', 'other')]
+  assert sum(parts) == pytest.approx(second, abs=5e-4)
+  assert record['startup_s'] > 0 and record['run_wall_s'] > first + second
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--run_epochs', '1'], '--run_epochs of at least 2'),
+    (['--run_images', '4'], '--run_images of at least one batch'),
+    (['--stage', 'probe'], 'drop --stage'),
+])
+def test_run_command_mistakes(args, message):
+  result = run_command(['-m', 'mil_jax.bench', '--run', '--model', 'fc:runlocal', '--batch', '8',
+                        *args], timeout=120)
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0], result.stderr

@@ -47,7 +47,7 @@ def assert_one_sentence(out, message):
     (['--type', 'fc', *TINY], '--type fc contradicts --config, which is a conv config'),
     ([*TINY, '--config.optim.lr=-1e-3'], 'optim.lr must be a finite number above 0'),
     ([*TINY, '--config.loss=l3'], "unknown loss 'l3'"),
-    ([*TINY, '--config.checkpoint_every_steps=0'], 'checkpoint_every_steps must be at least 1'),
+    ([*TINY, '--config.checkpoint_every_steps=-1'], 'checkpoint_every_steps must be at least 0'),
     ([*TINY, '--config.data.train_split=train[:150%]'], 'percentage outside -100% to 100%'),
     (['--config', 'configs/fc.py:runlocal', '--config.loss=masked_l2'],
      "loss 'masked_l2' needs a masked autoencoder"),

@@ -1,151 +1,142 @@
-"""The shared loop: exact evaluation over a partial last batch; a bfloat16 step tracks float32."""
+"""The training loop's host side: when it saves, what it logs, where its time goes."""
+import json
+import re
+
 import jax
 import numpy as np
 import pytest
 
-from configs import classifier as classifier_config
-from configs import conv as conv_config
 from configs import fc as fc_config
-from configs import mae as mae_config
-from mil_jax import classify, models, pretrain, sharding
-from mil_jax import input_pipeline as ip
+from mil_jax import checkpoint, pretrain, trainer
+from mil_jax.metric_writers import read_metrics
 
-BATCH = 32
+from .conftest import run_command
 
-
-def host_copy(tree):
-  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+PHASES = ('train', 'eval', 'checkpoint', 'other')
 
 
-def pixels(images: np.ndarray) -> np.ndarray:
-  """uint8 images -> float32 in [-1, 1], written out here rather than taken from the pipeline."""
-  return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+def tiny_fc(**loop):
+  """FC autoencoder, 4 steps per epoch of 16 images, 2 steps per call, no timed saves."""
+  config = fc_config.get_config('l1,runlocal')
+  config.data.fake_train_size, config.data.fake_test_size = 64, 16
+  config.batch_size, config.steps_per_dispatch = 16, 2
+  config.checkpoint_every_secs, config.checkpoint_every_steps = 0.0, 0
+  config.update(loop)
+  return config
 
 
-def splits(config, mesh, eval_split=None):
-  train = ip.load_split(config.data, config.data.train_split)
-  held_out = ip.load_split(config.data, eval_split or config.data.eval_split)
-  return (ip.DeviceSplit.create(train, mesh), ip.DeviceSplit.create(held_out, mesh), held_out)
+@pytest.fixture
+def saves(monkeypatch):
+  """Every checkpoint.save of the test: ``(step, metrics, params on the host)``."""
+  saved, original = [], checkpoint.save
+
+  def save(mngr, step, **items):
+    saved.append((step, items['metrics'], jax.device_get(items['params'])))
+    original(mngr, step, **items)
+
+  monkeypatch.setattr(checkpoint, 'save', save)
+  return saved
 
 
-# ---------------------------------------------------------------- evaluation
+def script_eval_losses(monkeypatch, losses, params=None):
+  """Makes Trainer.evaluate return ``losses`` in turn (then the last again); returns the
+  steps it was called at, and puts the params it saw in ``params`` by step."""
+  calls = []
+
+  def evaluate(self, state):
+    calls.append(int(state.step))
+    if params is not None:
+      params[int(state.step)] = jax.device_get(state.params)
+    loss = losses[min(len(calls), len(losses)) - 1]
+    return {'eval/loss': loss, 'eval/mse': loss, 'eval/psnr': 0.0}
+
+  monkeypatch.setattr(trainer.Trainer, 'evaluate', evaluate)
+  return calls
 
 
-@pytest.mark.parametrize('module,variant', [(conv_config, '192,runlocal'),
-                                            (fc_config, 'l1,runlocal')], ids=['conv_l2', 'fc_l1'])
-def test_pretraining_eval_is_the_mean_over_every_example(module, variant):
-  config = module.get_config(variant)
-  config.data.fake_train_size, config.data.fake_test_size = 64, 40  # 40 = 32 + 8
-  mesh = sharding.make_mesh()
-  model = models.build_autoencoder(config.model)
-  train, held_out, split = splits(config, mesh)
-  loop, params = pretrain.build_trainer(config, model, train, held_out, mesh)
-  got = loop.evaluate(loop.init_state(params))
-
-  # The truth: the model applied to one image at a time, every metric in numpy.
-  reconstruct = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)[0])
-  params = host_copy(params)
-  loss, mse = [], []
-  for image in split.images:
-    x = pixels(image[None])
-    recon = np.asarray(reconstruct(params, x), np.float64)
-    err = recon - x
-    loss.append(np.mean(np.abs(err)) if config.loss == 'l1' else np.mean(np.square(err)))
-    mse.append(np.mean(np.square(np.clip(recon, -1.0, 1.0) - x)))
-  loss, mse = np.array(loss), np.array(mse)
-  assert len(loss) == 40 and loss[-1] != loss.mean()  # the padding repeats a row that matters
-  want = {'eval/loss': loss.mean(), 'eval/mse': mse.mean(),
-          'eval/psnr': np.mean(10.0 * np.log10(4.0 / mse))}
-  assert got == pytest.approx(want, rel=1e-5)
+def test_a_best_state_is_kept_until_the_next_save_and_then_found(tmp_path, monkeypatch, saves):
+  evaluated = {}
+  script_eval_losses(monkeypatch, [3.0, 2.0, 2.5, 1.0, 1.5], evaluated)
+  # 4 steps an epoch in calls of 2, the latest due every 6 steps.
+  pretrain.train_and_evaluate(tiny_fc(num_epochs=5, checkpoint_every_steps=6), tmp_path)
+  assert [(s, m) for s, m, _ in saves] == [
+      (4, {'eval/loss': 3.0}),   # the best of epoch 1, kept, written before ...
+      (6, None),                 # ... the latest, due 6 steps after the start
+      (8, {'eval/loss': 2.0}),   # epoch 2's better one, kept until ...
+      (12, {'eval/loss': 2.5}),  # ... the end of epoch 3, when the latest is due
+      (16, {'eval/loss': 1.0}),  # epoch 4's best, kept until ...
+      (18, None),                # ... the latest at step 18
+      (20, {'eval/loss': 1.5})]  # the end
+  directory, best = checkpoint.find_checkpoint(tmp_path)
+  assert best == 16
+  # What was written for step 16 is the state that was evaluated there.
+  jax.tree.map(np.testing.assert_array_equal, evaluated[16],
+               checkpoint.restore_params(directory, best))
 
 
-def classifier_truth(clf, params, model_state, split):
-  """Per example: cross-entropy, top-1 hit, top-5 hit, from one image at a time in float64."""
-  logits_of = jax.jit(lambda x: clf.apply({'params': params, **model_state}, x, train=False))
-  loss, top1, top5 = [], [], []
-  for image, label in zip(split.images, split.labels):
-    logits = np.asarray(logits_of(pixels(image[None])), np.float64)[0]
-    shifted = logits - logits.max()
-    loss.append(np.log(np.exp(shifted).sum()) - shifted[label])
-    ranked = np.argsort(-logits)
-    top1.append(ranked[0] == label)
-    top5.append(label in ranked[:5])
-  return np.array(loss), np.array(top1), np.array(top5)
+def test_without_timed_saves_the_best_and_the_end_are_written(tmp_path, monkeypatch, saves):
+  script_eval_losses(monkeypatch, [3.0, 1.0, 2.0])
+  pretrain.train_and_evaluate(tiny_fc(num_epochs=3), tmp_path)
+  assert [(s, m) for s, m, _ in saves] == [(8, {'eval/loss': 1.0}), (12, {'eval/loss': 2.0})]
+  assert checkpoint.find_checkpoint(tmp_path)[1] == 8
 
 
-@pytest.mark.parametrize('mode,freeze', [('probing', True), ('fine_tune', False)],
-                         ids=['cached_features', 'images'])
-def test_classifier_eval_is_the_mean_over_every_example(mode, freeze):
-  config = classifier_config.get_config('runlocal')
-  config.update(mode=mode, freeze=freeze)
-  config.data.fake_train_size, config.data.fake_test_size = 64, 96
-  model_cfg = dict(conv_config.get_config('192,runlocal').model)
-  mesh = sharding.make_mesh()
-  clf = classify.build_classifier(config, model_cfg, 10)
-  params, model_state = classify._init(clf, config, None, mesh)
-  loss, top1, top5 = classifier_truth(clf, host_copy(params), model_state,
-                                      ip.load_split(config.data, 'test'))
-  # Evaluate on the first n test images, n ending on a top-1 hit inside a
-  # partial batch: the rows padding that batch (copies of the last) would
-  # then move the accuracy, the top-5 and the loss if they counted.
-  n = max(i + 1 for i in np.flatnonzero(top1) if (i + 1) % BATCH and i + 1 > BATCH)
-  loss, top1, top5 = loss[:n], top1[:n], top5[:n]
-  assert top1.mean() < 1 and top5.mean() < 1
-
-  train, held_out, _ = splits(config, mesh, f'test[:{n}]')
-  loop, loop_params, loop_state = classify.build_trainer(config, model_cfg, None, train,
-                                                         held_out, mesh)
-  jax.tree.map(np.testing.assert_array_equal, host_copy(loop_params), host_copy(params))
-  got = loop.evaluate(loop.init_state(loop_params, loop_state))
-  assert got['eval/loss'] == pytest.approx(loss.mean(), rel=1e-5)
-  assert got['eval/accuracy'] == pytest.approx(top1.mean(), rel=1e-6)
-  assert got['eval/top5'] == pytest.approx(top5.mean(), rel=1e-6)
+def test_validation_every_n_epochs_and_the_latest_saved_by_time(tmp_path, monkeypatch, saves):
+  calls = script_eval_losses(monkeypatch, [2.0, 1.0])
+  # Any time is enough: the latest is due after every call of 2 steps.
+  config = tiny_fc(num_epochs=3, eval_every_epochs=2, checkpoint_every_secs=1e-9)
+  pretrain.train_and_evaluate(config, tmp_path)
+  assert calls[:2] == [8, 12]  # after epoch 2, and after the last (then run()'s final one)
+  assert [s for s, _, _ in saves] == [2, 4, 6, 8, 10, 12]
+  assert {s: m for s, m, _ in saves if m} == {8: {'eval/loss': 2.0}, 12: {'eval/loss': 1.0}}
+  epochs = [r for r in read_metrics(tmp_path) if 'time/epoch_s' in r]
+  assert [('eval/loss' in r) for r in epochs] == [False, True, True]
 
 
-# ---------------------------------------------------------------- bfloat16
+def test_the_latest_saved_every_n_steps(tmp_path, monkeypatch, saves):
+  script_eval_losses(monkeypatch, [1.0])  # never better after the first epoch
+  config = tiny_fc(num_epochs=3, steps_per_dispatch=1, checkpoint_every_steps=3)
+  pretrain.train_and_evaluate(config, tmp_path)
+  steps = [s for s, _, _ in saves]
+  assert steps[-1] == 12 and 4 in steps  # the end, and the first (best) validation
+  assert all(0 < b - a <= 3 for a, b in zip([0, *steps], steps)), steps
 
 
-def one_sgd_step(module, variant, dtype):
-  """``(params before, params after, loss)`` of one plain-SGD step (lr 1: update = -gradient)."""
-  config = module.get_config(variant)
-  config.model.dtype = dtype
-  config.data.fake_train_size, config.data.fake_test_size = BATCH, 8
-  config.optim.update(name='sgd', lr=1.0, b1=0.0, schedule='constant', warmup_epochs=0,
-                      weight_decay=0.0)
-  mesh = sharding.make_mesh()
-  train, held_out, _ = splits(config, mesh)
-  loop, params = pretrain.build_trainer(config, models.build_autoencoder(config.model), train,
-                                        held_out, mesh)
-  before = host_copy(params)
-  state = loop.init_state(params)
-  state, metrics = loop.train_chunk(state, loop.train_data, loop.permutation(state.step), 1)
-  return before, host_copy(state.params), float(metrics['train/loss'][0])
+def test_logs_leave_the_newest_call_running(tmp_path):
+  # 4 steps per epoch, one per call, a log every 2: the log at step 2 takes step 1
+  # only (step 2 may still run); the epoch's end takes every step.
+  config = tiny_fc(num_epochs=2, steps_per_dispatch=1, log_every_steps=2)
+  pretrain.train_and_evaluate(config, tmp_path)
+  logged = [r['step'] for r in read_metrics(tmp_path) if 'train/lr' in r]
+  assert logged == [1, 4, 5, 8]
 
 
-# The stated tolerances, over measurements on a 2-core x86 CPU: the loss of a
-# bfloat16 step was within 0.05 % of float32's, and each tensor's update within
-# 6.7 % (FC) and 1.7 % (MAE) of float32's, except for the biases and the MAE's
-# mask token: their gradients are sums over every example and token, which
-# XLA:CPU adds up in bfloat16, and were off by up to 33 % (the decoder's qkv
-# bias, the mask token summed over 1,536 masked patches).
-LOSS_RTOL, UPDATE_RTOL, SUMMED_UPDATE_RTOL = 1e-2, 0.15, 0.5
-SUMMED = ("['bias']", "['mask_token']")
-
-
-@pytest.mark.parametrize('module,variant', [(fc_config, 'l2,runlocal'),
-                                            (mae_config, 'seed,runlocal')], ids=['fc', 'mae'])
-def test_one_bfloat16_step_tracks_float32(module, variant):
-  before, after32, loss32 = one_sgd_step(module, variant, 'float32')
-  before16, after16, loss16 = one_sgd_step(module, variant, 'bfloat16')
-  jax.tree.map(np.testing.assert_array_equal, before16, before)  # the same start
-  assert loss16 == pytest.approx(loss32, rel=LOSS_RTOL)
-  flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]
-  differ = False
-  for (path, b), (_, p32), (_, p16) in zip(flat(before), flat(after32), flat(after16)):
-    name = jax.tree_util.keystr(path)
-    assert p16.dtype == np.float32, name  # parameters stay float32
-    update32, update16 = p32.astype(np.float64) - b, p16.astype(np.float64) - b
-    error = np.linalg.norm(update16 - update32) / np.linalg.norm(update32)
-    assert error <= (SUMMED_UPDATE_RTOL if name.endswith(SUMMED) else UPDATE_RTOL), (name, error)
-    differ |= error > 0
-  assert differ, 'the bfloat16 step equals the float32 one: bfloat16 was not used'
+def test_epoch_records_say_where_the_time_went(tmp_path):
+  out = run_command(['train_pretrain.py', '--config', 'configs/fc.py:l1,runlocal',
+                     '--config.num_epochs=3', '--config.eval_every_epochs=2',
+                     f'--workdir={tmp_path}'])
+  assert out.returncode == 0, out.stderr[-3000:]
+  epochs = [r for r in read_metrics(tmp_path) if 'time/epoch_s' in r]
+  assert [r['epoch'] for r in epochs] == [1.0, 2.0, 3.0]
+  for r in epochs:
+    parts = [r[f'time/{name}_s'] for name in PHASES]
+    assert min(parts) >= -3e-4 and r['time/train_s'] > 0, r
+    assert sum(parts) == pytest.approx(r['time/epoch_s'], abs=5e-4), r
+  # Validation after epoch 2 and the last only; a checkpoint at the end at least.
+  assert [r['time/eval_s'] > 0 for r in epochs] == [False, True, True]
+  assert epochs[-1]['time/checkpoint_s'] > 0
+  assert 'time/startup_s' in epochs[-1] and epochs[-1]['time/startup_s'] > 0
+  # The closing line adds up the epochs' records.
+  line = next(ln for ln in out.stdout.splitlines() if ln.startswith('time: start-up'))
+  numbers = dict(re.findall(r'([\w-]+(?: epochs)?) ([\d.]+) s', line))
+  assert float(numbers['start-up']) == pytest.approx(epochs[-1]['time/startup_s'], abs=0.051)
+  assert float(numbers['3 epochs']) == pytest.approx(
+      sum(r['time/epoch_s'] for r in epochs), abs=0.051)
+  for name in PHASES:
+    assert float(numbers[name]) == pytest.approx(
+        sum(r[f'time/{name}_s'] for r in epochs), abs=0.051), name
+  # And TensorBoard has them too.
+  events = b''.join(p.read_bytes() for p in tmp_path.glob('events.out.tfevents.*'))
+  for name in (*PHASES, 'epoch', 'startup'):
+    assert f'time/{name}_s'.encode() in events, name
+  assert json.loads((tmp_path / 'config.json').read_text())['eval_every_epochs'] == 2

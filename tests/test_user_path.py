@@ -82,7 +82,7 @@ def test_relative_and_home_paths_reach_the_same_encoder(copy):
 
 
 @pytest.mark.parametrize('bad', ['--config.loss=l3', '--config.optim.lr=nan',
-                                 '--config.checkpoint_every_steps=0'])
+                                 '--config.checkpoint_every_steps=-1'])
 def test_overwrite_with_a_mistake_leaves_the_run_byte_identical(copy, bad):
   before = snapshot(copy / RUN)
   refused(run_in(copy, [*FC, '--overwrite', bad]), bad.split('.')[-1].split('=')[0])
