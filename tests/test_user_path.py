@@ -171,7 +171,8 @@ def _damage(checkpoint_dir: pathlib.Path) -> None:
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(copy):
-  ok(run_in(copy, [*FC, '--config.num_epochs=2', '--config.keep_checkpoints=2']))
+  ok(run_in(copy, [*FC, '--config.num_epochs=2', '--config.keep_checkpoints=2',
+                    '--config.checkpoint_every_steps=8']))
   steps = sorted(int(p.name) for p in (copy / RUN / 'checkpoints').iterdir()
                  if p.name.isdigit())
   assert steps == [8, 16]
