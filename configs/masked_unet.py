@@ -24,10 +24,11 @@ cosine decay to 0 over the run (our choice: the Conv autoencoder's 1e-4 is
 the study's replay).
 
 Expected runtime (1,563 steps per epoch of 50,000 images): the `base`
-training step at batch 32 ran at 300-800 images/s on a 2-core Intel Xeon
-(Sapphire Rapids class) shared with other jobs (load average about 10), so
-100 epochs are about 3 hours on such a CPU; 2 epochs of 45,000 images took
-15 minutes there, validation included. Not timed on a GPU.
+training step at batch 32 ran at 380-1,350 images/s (median 941, README
+Performance) on a 2-core Intel Xeon (Sapphire Rapids class) shared with
+other jobs, so 100 epochs are about 1.5 hours of steps on such a CPU; 2
+epochs of 45,000 images took 15 minutes there under a load average of about
+10, validation included. Not timed on a GPU.
 Expected result: not measured at 100 epochs. After 2 epochs on real CIFAR-10
 images (45,000 to train, 5,000 held out; README, Results): PSNR 20.8 dB with
 the visible pixels, 18.6 dB on the removed ones alone, kNN accuracy .367, a

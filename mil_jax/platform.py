@@ -32,8 +32,8 @@ CPU_XLA_FLAGS: dict[str, str] = {'xla_cpu_experimental_ynn_fusion_type': '-reduc
 # with the benchmark (README, Performance). Without YNNPACK: the Conv
 # autoencoder, whose dots are tiny (at most 48 channels) and cheaper in XLA's
 # own loops, and the MAE, whose dots in Eigen and fusions in XLA's emitters
-# beat YNNPACK's by a few percent. The FC autoencoder's large dots are faster
-# in YNNPACK.
+# beat YNNPACK's by a few percent, and the masked UNet (the Conv's convs with
+# skips). The FC autoencoder's large dots are faster in YNNPACK.
 _NO_YNNPACK = {'xla_cpu_experimental_ynn_fusion_type': ''}
 CPU_COMPILER_OPTIONS: dict[str, dict[str, str]] = {'conv': _NO_YNNPACK, 'mae': _NO_YNNPACK,
                                                      'masked_unet': _NO_YNNPACK}
@@ -43,10 +43,10 @@ CPU_MAX_DEVICES = 8
 _DEVICE_COUNT_FLAG = 'xla_force_host_platform_device_count'
 
 # Models whose training step splits its batch over the CPU devices, each
-# measured with the benchmark on 2 cores (README, Performance): Conv and MAE
-# gain from it. The FC autoencoder's large dots already use every core and it
-# lost to the gradient all-reduce of its 12.4 M parameters; the classifier on
-# cached features is too small to split.
+# measured with the benchmark on 2 cores (README, Performance): Conv, MAE and
+# the masked UNet gain from it. The FC autoencoder's large dots already use
+# every core and it lost to the gradient all-reduce of its 12.4 M parameters;
+# the classifier on cached features is too small to split.
 CPU_DATA_PARALLEL = frozenset({'conv', 'mae', 'masked_unet'})
 
 _applied: list[str] = []
