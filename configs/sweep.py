@@ -51,11 +51,13 @@ def point_key(layers: int, factor: int, filters: int) -> str:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Variants: 'seed' (default) | 'quick' | 'cpu' | 'runlocal', plus pretrain_epochs=N."""
+  """Variants: 'seed' (default) | 'quick' | 'cpu', 'runlocal' alone or added to one of
+  them, plus pretrain_epochs=N."""
   args = common.parse_arg(arg, known=VARIANTS, pretrain_epochs=0)
   variant = ','.join(v for v in VARIANTS if args[v])
   config = reproduce.get_config(variant or None)  # raises on two variants
-  epochs = {'seed': 0, 'quick': 5, 'cpu': 2, 'runlocal': 1}[variant or 'seed']
+  budget = next((v for v in ('quick', 'cpu') if args[v]), 'seed')
+  epochs = 1 if args.runlocal else {'seed': 0, 'quick': 5, 'cpu': 2}[budget]
   config.row = ml_collections.ConfigDict()
   for layers, factor, filters in POINTS:
     pretrain = f'conv:layers={layers},factor={factor},filters={filters}'

@@ -297,14 +297,18 @@ class Trainer:
     return list(host['train/loss'])
 
   def _checkpoint_due(self, run: Progress, log_now: bool) -> bool:
-    """Whether the latest checkpoint is due: ``checkpoint_every_steps`` steps or
-    ``checkpoint_every_secs`` seconds after the last save (0 turns a bound off).
+    """Whether the latest checkpoint is due: a multiple of ``checkpoint_every_steps``
+    passed since the last save, or ``checkpoint_every_secs`` seconds after it (0 turns
+    a bound off).
     Processes must agree to save, so with several process 0's clock decides, at logs."""
     cfg = self.config
     due = 0 < cfg.checkpoint_every_secs <= time.monotonic() - run.saved_time
     if jax.process_count() > 1:
       due = log_now and bool(multihost_utils.broadcast_one_to_all(np.bool_(due)))
-    return due or 0 < cfg.checkpoint_every_steps <= run.step - run.saved_step
+    # By steps: at each multiple of checkpoint_every_steps, counted from step 0
+    # and not from the last save, so a resumed run saves where an uninterrupted one does.
+    every = cfg.checkpoint_every_steps
+    return due or (every > 0 and run.step // every > run.saved_step // every)
 
   def _evaluate_epoch(self, state: TrainState, run: Progress) -> dict[str, float]:
     """Validation metrics every ``eval_every_epochs`` epochs and after the last; else ``{}``."""

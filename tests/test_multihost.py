@@ -250,7 +250,7 @@ def test_classifier_and_knn_over_that_checkpoint_run_in_two_processes(
     results = run_processes(repo, [*CLASSIFY, f'--mode={mode}', '--pretrained_path=runs/pre',
                                    f'--workdir=runs/{mode}'])
     assert_ok(results)
-    assert all(f'encoder: fc from {pathlib.Path("runs/pre/checkpoints")}' in r.stdout
+    assert all(f'encoder: fc from {repo / "runs" / "pre" / "checkpoints"}' in r.stdout
                for r in results), results[0].stdout
     expected = classifier_reference(pretrained, tmp_path / f'reference_{mode}', mode)
     records = [json.loads(x) for x in (repo / 'runs' / mode / 'metrics.jsonl').read_text()

@@ -43,7 +43,7 @@ def test_every_point_is_a_pretraining_and_a_knn_cell(tmp_path, variant, epochs, 
   assert (knn.mode, knn.pretrained_path) == ('knn', str(tmp_path / 'pretrain' / 'conv_5_2_8'))
 
 
-@pytest.mark.parametrize('variant', ['cpu,runlocal', 'bogus', 'pretrain_epochs=x'])
+@pytest.mark.parametrize('variant', ['cpu,quick', 'bogus', 'pretrain_epochs=x'])
 def test_bad_variants_raise_value_error(variant):
   with pytest.raises(ValueError):
     sweep_config.get_config(variant)
@@ -85,7 +85,7 @@ def test_runlocal_sweep_command_and_rerun(tmp_path):
   out = run_command(args, cwd=repo, env=FAST_COMPILE, timeout=1800)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   workdir = repo / 'runs' / 'sweep'
-  assert 'sweep: runs/sweep/sweep.md, runs/sweep/sweep.json, runs/sweep/sweep.png' in out.stdout
+  assert f'sweep: {workdir}/sweep.md, {workdir}/sweep.json, {workdir}/sweep.png' in out.stdout
   points = json.loads((workdir / 'sweep.json').read_text())['points']
   table = (workdir / 'sweep.md').read_text().splitlines()
   assert [p['row'] for p in points] == ['conv_4_2_6', 'conv_5_2_8']
