@@ -326,7 +326,7 @@ def bench_run(spec: str, batch: int, *, dtype: str = 'float32', steps_per_dispat
     out = subprocess.run(run_bench.command(
         spec, batch=config.batch_size, dtype=dtype, steps_per_dispatch=k, num_classes=NUM_CLASSES,
         images=images, epochs=epochs, workdir=workdir, compile_cache=compile_cache),
-        capture_output=True, text=True, check=False)
+        env=run_bench.environment(), capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if out.returncode:
       raise RuntimeError(f'the run of {spec} failed: {out.stderr[-3000:]}')

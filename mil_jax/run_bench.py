@@ -8,13 +8,14 @@ went (``mil_jax.timing``) and ``summary`` sets its epochs beside the steps'.
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import statistics
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mil_jax import timing
+from mil_jax import platform, timing
 from mil_jax.metric_writers import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -38,6 +39,19 @@ def command(spec: str, *, batch: int, dtype: str, steps_per_dispatch: int, num_c
           f'--config={config}' + (f':{variant}' if variant else ''),
           *(f'--config.{k}={v}' for k, v in overrides.items()), f'--workdir={workdir}',
           '--compile_cache' if compile_cache else '--nocompile_cache']
+
+
+def environment() -> dict[str, str]:
+  """This process's environment without the XLA flags ``platform.configure`` added.
+
+  The run must decide them as a user's command does: a device count found in
+  ``XLA_FLAGS`` counts as the user's, and puts the FC autoencoder on every
+  CPU device instead of one (several times slower).
+  """
+  added = set(platform.applied())
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split() if f not in added)
+  return env
 
 
 def epoch_records(workdir: pathlib.Path) -> list[dict[str, Any]]:

@@ -218,3 +218,20 @@ def test_run_command_mistakes(args, message):
   assert result.returncode == 2, result.stderr[-3000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_the_run_decides_its_own_xla_flags():
+  # The benchmark's own CPU tuning must not reach the run as if the user had set it.
+  script = """
+import os
+os.environ['XLA_FLAGS'] = '--xla_dump_to=/nonexistent'
+from mil_jax import platform, run_bench
+platform.configure()
+print(os.environ['XLA_FLAGS'])
+print(run_bench.environment()['XLA_FLAGS'])
+"""
+  out = run_command(['-c', script], env={'JAX_PLATFORMS': 'cpu'}, timeout=60)
+  assert out.returncode == 0, out.stderr[-3000:]
+  tuned, run = out.stdout.splitlines()
+  assert '--xla_cpu_experimental_ynn_fusion_type' in tuned
+  assert run == '--xla_dump_to=/nonexistent'
