@@ -1,4 +1,5 @@
 """Interrupted runs lose nothing: SIGKILL at named points, SIGTERM saves the current step."""
+import re
 import signal
 import subprocess
 import sys
@@ -46,8 +47,9 @@ def test_sigkill_at_named_points_then_rerun_is_bit_identical(tmp_path, model):
   assert out.returncode == 0, out.stderr[-3000:]
   # The final validation metrics as printed (the epoch's train/loss of a
   # resumed run averages only the steps after the resume).
-  last_epoch = lambda text: [ln.split(', eval/', 1)[1] for ln in text.splitlines()
-                             if ln.startswith('epoch 2/2 step 16: ')]
+  # (without the epoch's wall time, which the line ends with)
+  last_epoch = lambda text: [re.sub(r' \([\d.]+ s\)$', '', ln.split(', eval/', 1)[1])
+                             for ln in text.splitlines() if ln.startswith('epoch 2/2 step 16: ')]
   whole_summary = last_epoch(out.stdout)
   assert len(whole_summary) == 1, out.stdout
   assert checkpoint_steps(whole) == ALL_STEPS
