@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -142,7 +143,9 @@ def assert_ok(results: list[Finished]) -> None:
 
 
 def epoch_lines(text: str) -> list[str]:
-  return [line for line in text.splitlines() if line.startswith('epoch ')]
+  """The epoch summary lines of ``text`` without the wall time each ends with."""
+  return [re.sub(r' \([\d.]+ s\)$', '', line) for line in text.splitlines()
+          if line.startswith('epoch ')]
 
 
 def shared(tmp_path_factory, name: str, make):
