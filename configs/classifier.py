@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError("choose one of the variants 'seed' and 'finetune'")
   config = ml_collections.ConfigDict()
   common.loop_config(config, batch_size=128, num_epochs=40, steps_per_dispatch=8)
+  # On a CPU split into cores: as many devices as the encoder's pretraining took,
+  # one for a head on cached features.
+  config.speed.cpu_devices = 'auto'
   config.log_every_steps = 100
 
   config.mode = 'probing'          # 'probing' (linear head) | 'fine_tune' (MLP head) | 'knn'

@@ -78,6 +78,31 @@ def optim_config(name: str, lr: float, schedule: str, **fields) -> ml_collection
   return optim
 
 
+def speed_config(**fields) -> ml_collections.ConfigDict:
+  """The speed block: how a run computes, never what it learns.
+
+  Each 'auto' is decided by ``mil_jax.tuning`` for the platform the run is
+  on, and the run's ``config.json`` records the decision. Fields: ``devices``
+  (devices of the data mesh), ``cpu_devices`` (what 'auto' takes on a CPU
+  split into one device per core: 'all' or a count), ``conv_impl`` ('dots' |
+  'xla'), ``attention_chunk_bytes`` (attention weights per chunk; 0: the
+  whole batch), ``grad_norm_every`` (steps between gradient norms, counted
+  back from each dispatch's last), ``max_in_flight`` (dispatched calls
+  unfinished at once; 0: no bound), ``cpu_ynn_fusions`` ('all' | 'no_reduce'
+  | 'none': XLA:CPU's YNNPACK fusions).
+  """
+  speed = ml_collections.ConfigDict(dict(
+      devices='auto', cpu_devices='all', conv_impl='auto', attention_chunk_bytes='auto',
+      grad_norm_every='auto', max_in_flight='auto', cpu_ynn_fusions='auto'))
+  unknown = set(fields) - set(speed.keys())
+  if unknown:
+    raise ValueError(f'unknown speed fields {sorted(unknown)}')
+  for name, value in fields.items():  # a count where 'auto' stood: a new field of its type
+    del speed[name]
+    speed[name] = value
+  return speed
+
+
 def loop_config(config: ml_collections.ConfigDict, *, batch_size: int, num_epochs: int,
                 steps_per_dispatch: int) -> None:
   """Sets the fields of the training loop that every config has.
@@ -100,6 +125,7 @@ def loop_config(config: ml_collections.ConfigDict, *, batch_size: int, num_epoch
   config.checkpoint_every_secs = 300.0
   config.checkpoint_every_steps = 0
   config.keep_checkpoints = 1               # latest ones kept, besides the best
+  config.speed = speed_config()             # how, not what: resolved by mil_jax.tuning
 
 
 def runlocal(config: ml_collections.ConfigDict) -> None:

@@ -35,6 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config = ml_collections.ConfigDict()
   common.loop_config(config, batch_size=128, num_epochs=100, steps_per_dispatch=8)
+  # On a CPU split into cores, one device: the large dots already use every
+  # core, and the gradient all-reduce of 12.4 M parameters cost more than a
+  # second device gained (docs/performance.md).
+  config.speed = common.speed_config(cpu_devices=1)
   config.loss = 'l1' if args.l1 else 'l2'
   config.data = common.data_config()
 

@@ -25,8 +25,9 @@ FLOPs of one step, counted on its jaxpr: ``step_flops``), ``flops_per_s``,
 CPU), ``mfu`` (``flops_per_s`` over the dense bfloat16 peak of the chips the
 step ran on, from their datasheet, ``PEAK_BF16_FLOPS``; ``None`` for a chip
 not in that table), ``backend``, ``device_kind``, ``num_devices`` (the
-step's mesh, ``sharding.training_mesh``), ``cpu_tuning`` (what
-``platform.configure`` added to ``XLA_FLAGS``). With ``--epoch``, also
+step's mesh), ``cpu_split`` (what ``platform.configure`` added to
+``XLA_FLAGS``), ``speed`` (the resolved speed settings, ``mil_jax.tuning``;
+``--speed field=value,...`` sets some, to compare choices). With ``--epoch``, also
 ``epoch_s``: the median over ``--windows`` of the wall time of one whole
 epoch of a 50,000-image split (CIFAR's training set), run as the trainer runs
 it (the epoch's permutation, then its steps ``K`` at a time, the last call
@@ -51,9 +52,8 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-import configs
-from configs import classifier as classifier_configs
-from mil_jax import classify, cli, models, platform, pretrain, run_bench, sharding, trainer
+from mil_jax import (classify, cli, config_files, models, platform, pretrain, run_bench, sharding,
+                     trainer, tuning)
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import UserError
 
@@ -79,6 +79,8 @@ _BATCH = flags.DEFINE_list('batch', ['0'], 'Global batch size(s), comma-separate
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _K = flags.DEFINE_integer('steps_per_dispatch', 0,
                           'Train steps per jitted call (0: the config\'s, as training runs).')
+_SPEED = flags.DEFINE_list('speed', [], "Speed settings over the config's, e.g. "
+                           "'conv_impl=xla,cpu_ynn_fusions=all' (mil_jax.tuning).")
 _STAGE = flags.DEFINE_enum('stage', 'pretrain', list(STAGES), 'Which training step to time.')
 _ALL = flags.DEFINE_bool('all', False, 'Run the reference set (ignores --model/--batch/--stage).')
 _SECONDS = flags.DEFINE_float('seconds', 3.0, 'Approximate length of one timed window.')
@@ -93,11 +95,25 @@ _RUN_IMAGES = flags.DEFINE_integer('run_images', EPOCH_IMAGES, 'Training images 
                                    'a fifth of that many validation images).')
 
 
+def speed_overrides(pairs: list[str]) -> dict[str, str]:
+  """``['conv_impl=xla', ...]`` as a dict of speed fields; a mistake is a UserError."""
+  out = {}
+  for pair in pairs:
+    key, eq, value = pair.partition('=')
+    if not eq or key not in tuning.FIELDS:
+      raise UserError(f'--speed takes field=value pairs of the fields {", ".join(tuning.FIELDS)}; '
+                      f'got {pair!r}.')
+    out[key] = value
+  return out
+
+
 def load_config(spec: str, batch: int, dtype: str, steps_per_dispatch: int,
-                train_size: int = 0) -> ml_collections.ConfigDict:
-  """The pretraining config named by ``'name[:variant]'``, set up for timing."""
+                train_size: int = 0, speed: dict[str, str] | None = None
+                ) -> ml_collections.ConfigDict:
+  """The pretraining config named by ``'name[:variant]'``, set up for timing
+  (``speed``: fields of its ``speed`` block replaced)."""
   try:
-    config = configs.pretraining_config(spec)
+    config = config_files.pretraining(spec)
   except ValueError as e:
     raise UserError(f'{e}.') from None
   config.batch_size = batch or config.batch_size
@@ -109,6 +125,8 @@ def load_config(spec: str, batch: int, dtype: str, steps_per_dispatch: int,
   # not depend on the split's size (one gather of B rows).
   config.data.fake_train_size = train_size or max(2048, 8 * config.batch_size)
   config.data.fake_test_size = config.batch_size
+  if speed:
+    config.speed = ml_collections.ConfigDict({**config.speed.to_dict(), **speed})
   return config
 
 
@@ -119,7 +137,7 @@ def classifier_config(config: ml_collections.ConfigDict, stage: str,
   ``probe``: the linear head on a frozen encoder's cached features;
   ``finetune``: the MLP head and the encoder trained together on images.
   """
-  clf = classifier_configs.get_config()
+  clf = config_files.classifier()
   clf.mode, clf.freeze = ('probing', True) if stage == 'probe' else ('fine_tune', False)
   clf.batch_size = config.batch_size
   clf.steps_per_dispatch = steps_per_dispatch or clf.steps_per_dispatch
@@ -128,29 +146,40 @@ def classifier_config(config: ml_collections.ConfigDict, stage: str,
   return clf
 
 
-def build(config: ml_collections.ConfigDict, stage: str, steps_per_dispatch: int = 0
+def build(config: ml_collections.ConfigDict, stage: str, steps_per_dispatch: int = 0,
+          speed: dict[str, str] | None = None
           ) -> tuple[trainer.Trainer, trainer.TrainState, int]:
   """The trainer, its initial state and the parameter count for ``stage``.
 
   ``pretrain`` runs ``config`` itself (``pretrain.build_trainer``); ``probe``
   and ``finetune`` run the classifier stage's program
   (``classify.build_trainer``) over a fresh encoder of ``config.model``, with
-  ``steps_per_dispatch`` (0: the classifier config's).
+  ``steps_per_dispatch`` (0: the classifier config's). ``speed``: fields of
+  the classifier's speed block replaced (the pretraining's are in ``config``).
+  The stage's settings are resolved as its command resolves them.
   """
   clf = classifier_config(config, stage, steps_per_dispatch) if stage != 'pretrain' else None
-  name = config.model.name if clf is None else classify.mesh_model(clf, config.model.to_dict())
-  mesh = sharding.training_mesh(name, config.batch_size)
+  if clf is None:
+    settings = tuning.resolve(config.speed, batch_size=config.batch_size,
+                              steps_per_dispatch=config.steps_per_dispatch,
+                              architecture=config.model.name)
+  else:
+    clf.speed = ml_collections.ConfigDict({**clf.speed.to_dict(), **(speed or {})})
+    encoder = classify.Encoder(config.model.to_dict(), None, 'a fresh encoder',
+                               config.speed.cpu_devices)
+    settings = classify.resolve_speed(clf, encoder)
+  mesh = sharding.training_mesh(settings.devices)
   split = ip.load_split(config.data, config.data.train_split)
   data = ip.DeviceSplit.create(split, mesh)
   eval_data = ip.DeviceSplit(data.images[:config.batch_size], data.labels[:config.batch_size],
                              data.num_classes)
   if stage == 'pretrain':
-    loop, params = pretrain.build_trainer(config, models.build_autoencoder(config.model), data,
-                                          eval_data, mesh)
+    model = models.build_autoencoder(config.model, settings.model_settings(config.model))
+    loop, params = pretrain.build_trainer(config, model, data, eval_data, mesh, settings)
     model_state = None
   else:
     loop, params, model_state = classify.build_trainer(clf, config.model.to_dict(), None, data,
-                                                       eval_data, mesh)
+                                                       eval_data, mesh, settings)
   count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   return loop, loop.init_state(params, model_state), count
 
@@ -239,14 +268,15 @@ def _time_epochs(loop: trainer.Trainer, compiled: Any, state: trainer.TrainState
 
 def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'float32',
               steps_per_dispatch: int = 0, seconds: float = 3.0, windows: int = 3,
-              epoch_images: int = 0) -> dict[str, Any]:
+              epoch_images: int = 0, speed: dict[str, str] | None = None) -> dict[str, Any]:
   """Times one configuration; returns the JSON record (see the module docstring).
 
   ``epoch_images`` > 0 also times whole epochs of a split of that size
   (``epoch_s``); the step timing is the same either way.
   """
-  config = load_config(spec, batch, dtype, steps_per_dispatch, train_size=epoch_images)
-  loop, state, num_params = build(config, stage, steps_per_dispatch)
+  config = load_config(spec, batch, dtype, steps_per_dispatch, train_size=epoch_images,
+                       speed=speed)
+  loop, state, num_params = build(config, stage, steps_per_dispatch, speed)
   k = loop.config.steps_per_dispatch
   data, perm = loop.train_data, loop.permutation(state.step)
 
@@ -302,20 +332,21 @@ def bench_one(spec: str, batch: int, *, stage: str = 'pretrain', dtype: str = 'f
       'backend': jax.default_backend(),
       'device_kind': device.device_kind,
       'num_devices': num_devices,
-      'cpu_tuning': platform.applied(),
+      'cpu_split': platform.applied(),
+      'speed': loop.speed.to_dict(),
   }
 
 
 def bench_run(spec: str, batch: int, *, dtype: str = 'float32', steps_per_dispatch: int = 0,
               windows: int = 3, images: int = EPOCH_IMAGES, epochs: int = 3,
-              compile_cache: bool = False) -> dict[str, Any]:
+              compile_cache: bool = False, speed: dict[str, str] | None = None) -> dict[str, Any]:
   """Times a whole ``train_pretrain.py`` run of ``epochs`` epochs of ``images``
   images, between two sets of ``windows`` steps-only epochs of the same size
   (so that a shared machine's drift shows in both); returns the JSON record."""
   if epochs < 2 or images < max(batch, 1):
     raise UserError(f'--run needs --run_epochs of at least 2 (got {epochs}) and --run_images of '
                     f'at least one batch (got {images}).')
-  config = load_config(spec, batch, dtype, steps_per_dispatch, train_size=images)
+  config = load_config(spec, batch, dtype, steps_per_dispatch, train_size=images, speed=speed)
   loop, state, _ = build(config, 'pretrain')
   k, data = loop.config.steps_per_dispatch, loop.train_data
   compiled = loop.train_chunk.lower(state, data, loop.permutation(state.step), k).compile()
@@ -325,7 +356,8 @@ def bench_run(spec: str, batch: int, *, dtype: str = 'float32', steps_per_dispat
     t0 = time.perf_counter()
     out = subprocess.run(run_bench.command(
         spec, batch=config.batch_size, dtype=dtype, steps_per_dispatch=k, num_classes=NUM_CLASSES,
-        images=images, epochs=epochs, workdir=workdir, compile_cache=compile_cache),
+        images=images, epochs=epochs, workdir=workdir, compile_cache=compile_cache,
+        speed=speed),
         env=run_bench.environment(), capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if out.returncode:
@@ -340,6 +372,7 @@ def bench_run(spec: str, batch: int, *, dtype: str = 'float32', steps_per_dispat
 
 
 def main(argv: list[str]) -> None:
+  speed = speed_overrides(_SPEED.value)
   if _ALL.value:
     runs = [(m, b, s, 0) for m, b, s in REFERENCE_SET]
   else:
@@ -356,13 +389,13 @@ def main(argv: list[str]) -> None:
     for spec, batch, _, k in [r for r in runs if r[2] == 'pretrain']:
       record = bench_run(spec, batch, dtype=_DTYPE.value, steps_per_dispatch=k,
                          windows=_WINDOWS.value, images=_RUN_IMAGES.value,
-                         epochs=_RUN_EPOCHS.value, compile_cache=cache)
+                         epochs=_RUN_EPOCHS.value, compile_cache=cache, speed=speed)
       print(json.dumps(record), flush=True)
     return
   for spec, batch, stage, k in runs:
     record = bench_one(spec, batch, stage=stage, dtype=_DTYPE.value, steps_per_dispatch=k,
                        seconds=_SECONDS.value, windows=_WINDOWS.value,
-                       epoch_images=EPOCH_IMAGES if _EPOCH.value else 0)
+                       epoch_images=EPOCH_IMAGES if _EPOCH.value else 0, speed=speed)
     print(json.dumps(record), flush=True)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,8 @@ import ml_collections
 import optax
 
 from mil_jax import augment as augment_lib
-from mil_jax import checkpoint, config_checks, models, paths, platform, report, sharding, trainer
+from mil_jax import (checkpoint, config_checks, config_files, models, paths, report, sharding,
+                     trainer, tuning)
 from mil_jax import input_pipeline as ip
 from mil_jax import workdir as workdir_lib
 from mil_jax.errors import UserError
@@ -37,10 +38,9 @@ FREEZE_RULES = ('encoder/.*',)
 
 
 def _type_config(spec: str) -> ml_collections.ConfigDict:
-  """The model block of ``configs/<type>.py[:variant]`` for ``spec = 'type[:variant]'``."""
-  import configs  # noqa: PLC0415 (configs import mil_jax lazily)
+  """The pretraining config ``configs/<type>.py[:variant]`` for ``spec = 'type[:variant]'``."""
   try:
-    return configs.pretraining_config(spec).model
+    return config_files.pretraining(spec)
   except ValueError as e:
     raise UserError(f'{e}.') from None
 
@@ -63,8 +63,16 @@ def newest_pretraining_run(runs_dir: str | pathlib.Path) -> pathlib.Path:
   return pathlib.Path(max(candidates)[1])
 
 
-def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], Any, str]:
-  """The encoder's model config, its pretrained params (None: fresh) and a description.
+class Encoder(NamedTuple):
+  """Where a classifier's encoder comes from."""
+  model: dict[str, Any]       # the model block of its pretraining config
+  params: Any                 # its pretrained params; None: a fresh encoder
+  source: str                 # a description for the log
+  cpu_devices: int | str      # its pretraining's ``speed.cpu_devices``
+
+
+def resolve_encoder(config: ml_collections.ConfigDict) -> Encoder:
+  """The encoder: its model config, pretrained params, description and CPU devices.
 
   Without ``pretrained_path``, the newest pretraining run under ``runs_dir``
   is used and recorded in ``config.pretrained_path``.
@@ -75,7 +83,9 @@ def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], 
                       'pass --nofreeze, or drop --from_scratch.')
     if not config.model_type:
       raise UserError('--from_scratch needs --type fc|conv|mae to know which encoder to build.')
-    return dict(_type_config(config.model_type)), None, f'a fresh {config.model_type} encoder'
+    pretraining = _type_config(config.model_type)
+    return Encoder(dict(pretraining.model), None, f'a fresh {config.model_type} encoder',
+                   pretraining.speed.cpu_devices)
   path = config.pretrained_path
   if not path:
     path = newest_pretraining_run(config.runs_dir)
@@ -91,13 +101,15 @@ def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], 
     # pretrained with cuDNN attention on a GPU must load anywhere.
     model_cfg = {**model_cfg, 'attention': 'auto'}
   if config.model_type:
-    expected = json.loads(_type_config(config.model_type).to_json())
+    expected = json.loads(_type_config(config.model_type).model.to_json())
     diff = [f'{k} {model_cfg.get(k)!r} (not {v!r})' for k, v in expected.items()
             if k not in ('dtype', 'attention') and model_cfg.get(k) != v]
     if diff:
       raise UserError(f'{path} holds a model with {", ".join(diff)}; drop --type or pass a '
                       f'checkpoint of a {config.model_type} model.')
-  return model_cfg, params['encoder'], f'{directory / str(step)}'
+  speed = meta['config'].get('speed') or {}
+  return Encoder(model_cfg, params['encoder'], f'{directory / str(step)}',
+                 speed.get('cpu_devices', 'all'))
 
 
 # --------------------------------------------------------------------------
@@ -105,8 +117,9 @@ def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], 
 
 
 def build_classifier(config: ml_collections.ConfigDict, model_cfg: dict[str, Any],
-                     num_classes: int) -> Classifier:
-  """The encoder of ``model_cfg`` under the head of ``config.mode``."""
+                     num_classes: int, speed: tuning.Speed | None = None) -> Classifier:
+  """The encoder of ``model_cfg`` under the head of ``config.mode``, computed as
+  ``speed`` says (None: the portable choices)."""
   if config.mode == 'probing':
     head = LinearHead(num_classes, batchnorm=config.head.batchnorm)
   else:
@@ -117,7 +130,8 @@ def build_classifier(config: ml_collections.ConfigDict, model_cfg: dict[str, Any
       raise UserError(f'drop_path_rate drops transformer blocks and the {model_cfg["name"]} '
                       'encoder has none; set it to 0 or use an mae encoder.')
     model_cfg = {**model_cfg, 'drop_path_rate': config.drop_path_rate}
-  return Classifier(models.build_encoder(model_cfg), head, frozen=config.freeze)
+  settings = speed.model_settings(model_cfg) if speed else None
+  return Classifier(models.build_encoder(model_cfg, settings), head, frozen=config.freeze)
 
 
 def compute_features(clf: Classifier, params: Any, data: ip.DeviceSplit, batch_size: int,
@@ -222,10 +236,7 @@ def make_task(config: ml_collections.ConfigDict, clf: Classifier, num_classes: i
 def _init(clf: Classifier, config: ml_collections.ConfigDict, encoder_params: Any,
           mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
   """Replicated ``(params, model_state)``; the pretrained encoder dropped in unchanged."""
-  dummy = jnp.zeros((1, *ip.IMAGE_SHAPE), jnp.float32)
-  rngs = {'params': jax.random.key(config.seed), 'dropout': jax.random.key(config.seed + 1)}
-  init = lambda: clf.init(rngs, dummy, train=False)
-  variables = jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  variables = trainer.init_variables(clf, config.seed, mesh)
   params = dict(variables['params'])
   if encoder_params is not None:
     expected = jax.tree.map(lambda x: (x.shape, x.dtype), params['encoder'])
@@ -243,10 +254,17 @@ def _on_cached_features(config: ml_collections.ConfigDict) -> bool:
   return config.freeze and config.cache_features and config.mode != 'knn'
 
 
-def mesh_model(config: ml_collections.ConfigDict, model_cfg: dict[str, Any]) -> str:
-  """The name ``sharding.training_mesh`` places this stage by: the encoder's,
-  or ``'features'`` for a head trained on cached features."""
-  return 'features' if _on_cached_features(config) else model_cfg['name']
+def resolve_speed(config: ml_collections.ConfigDict, encoder: Encoder) -> tuning.Speed:
+  """The stage's speed settings. Its ``cpu_devices`` 'auto' follows the encoder's
+  pretraining config, except that a head on cached features takes one device
+  (it is too small to split)."""
+  speed = dict(config.speed)
+  if speed.get('cpu_devices') == 'auto':
+    speed['cpu_devices'] = 1 if _on_cached_features(config) else encoder.cpu_devices
+  return tuning.resolve(speed, batch_size=config.batch_size,
+                        steps_per_dispatch=config.steps_per_dispatch,
+                        architecture='head' if _on_cached_features(config)
+                        else encoder.model['name'])
 
 
 def _layer_decay(config: ml_collections.ConfigDict,
@@ -265,15 +283,17 @@ def _layer_decay(config: ml_collections.ConfigDict,
 
 def build_trainer(config: ml_collections.ConfigDict, model_cfg: dict[str, Any],
                   encoder_params: Any, train_data: ip.DeviceSplit, eval_data: ip.DeviceSplit,
-                  mesh: jax.sharding.Mesh) -> tuple[trainer.Trainer, Any, Any]:
+                  mesh: jax.sharding.Mesh, speed: tuning.Speed | None = None
+                  ) -> tuple[trainer.Trainer, Any, Any]:
   """The classifier stage's trainer, and its initial ``(params, model_state)``.
 
   With a frozen encoder and ``cache_features`` the trainer's data are the
   encoder's features of ``train_data`` and ``eval_data``, computed here once.
-  ``encoder_params`` None: a freshly initialized encoder.
+  ``encoder_params`` None: a freshly initialized encoder. ``speed``: the run's
+  resolved settings (None: ``config.speed`` resolved for ``mesh``).
   """
   num_classes = train_data.num_classes
-  clf = build_classifier(config, model_cfg, num_classes)
+  clf = build_classifier(config, model_cfg, num_classes, speed)
   params, model_state = _init(clf, config, encoder_params, mesh)
   cached = _on_cached_features(config)
   if cached:
@@ -294,7 +314,7 @@ def build_trainer(config: ml_collections.ConfigDict, model_cfg: dict[str, Any],
                                augment=config.data.augment and not cached)
   loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
                          schedule=schedule, train_data=train_data, eval_data=eval_data,
-                         compiler_options=platform.compiler_options(model_cfg['name']))
+                         speed=speed)
   return loop, params, model_state
 
 
@@ -314,8 +334,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   sharding.initialize_distributed()
   paths.resolve_classifier_paths(config)
   config_checks.check_classifier(config)
-  model_cfg, encoder_params, source = resolve_encoder(config)
-  mesh = sharding.training_mesh(mesh_model(config, model_cfg), config.batch_size)
+  encoder = resolve_encoder(config)
+  model_cfg, encoder_params, source = encoder.model, encoder.params, encoder.source
+  speed = resolve_speed(config, encoder)
+  tuning.record(config, speed)
+  mesh = sharding.training_mesh(speed.devices)
   sharding.check_batch_size(config.batch_size, mesh)
   train_split = ip.load_split(config.data, config.data.train_split)
   eval_split = ip.load_split(config.data, config.data.eval_split)
@@ -328,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   train_data = ip.DeviceSplit.create(train_split, mesh)
   eval_data = ip.DeviceSplit.create(eval_split, mesh)
   if config.mode == 'knn':
-    clf = build_classifier(config, model_cfg, train_data.num_classes)
+    clf = build_classifier(config, model_cfg, train_data.num_classes, speed)
     params, _ = _init(clf, config, encoder_params, mesh)
     train = compute_features(clf, params, train_data, config.batch_size, mesh)
     test = compute_features(clf, params, eval_data, config.batch_size, mesh)
@@ -336,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       return _knn(config, train, test, workdir)
 
   loop, params, model_state = build_trainer(config, model_cfg, encoder_params, train_data,
-                                            eval_data, mesh)
+                                            eval_data, mesh, speed)
   state = loop.init_state(params, model_state)
   loop.check_programs(state)
   with workdir_lib.claim(workdir, config, overwrite=overwrite) as workdir:

@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 
-from mil_jax import distributed, platform
+from mil_jax import config_files, distributed, platform
 from mil_jax.errors import Interrupted, UserError
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+CONFIG_DIR = config_files.CONFIG_DIR
 
 flags.DEFINE_bool('debug', False, 'Show the full traceback of a user error, and INFO logs.')
 # Compiled programs are kept on disk, so that a rerun of a config starts
@@ -72,7 +72,7 @@ def expand_type_flag(argv: list[str]) -> list[str]:
       kind = argv[i + 1]
   if kind is None or _config_path(argv) is not None:
     return argv
-  if kind not in ('fc', 'conv', 'mae', 'masked_unet'):
+  if kind not in config_files.PRETRAINING:
     fail(f'unknown --type {kind!r}; use fc, conv, mae or masked_unet.')
   return [argv[0], f'--config={CONFIG_DIR / kind}.py', *argv[1:]]
 

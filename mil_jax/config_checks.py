@@ -75,6 +75,8 @@ def check_loop(config: ml_collections.ConfigDict) -> None:
                      'eval_every_epochs', 'keep_checkpoints'), 1)
   _at_least(config, ('checkpoint_every_steps',), 0)  # 0: no bound by steps
   _non_negative(config.checkpoint_every_secs, 'checkpoint_every_secs')  # 0: none by time
+  from mil_jax import tuning  # noqa: PLC0415 (imports jax; configs stay light)
+  tuning.check(config.get('speed'))
 
 
 def check_optim(optim: ml_collections.ConfigDict, *, prefix: str = 'optim.') -> None:

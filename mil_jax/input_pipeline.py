@@ -32,9 +32,9 @@ import ml_collections
 import numpy as np
 
 from mil_jax import sharding
+from mil_jax.images import IMAGE_SHAPE
 from mil_jax.errors import UserError
 
-IMAGE_SHAPE = (32, 32, 3)
 _SPLIT_RE = re.compile(r'^(\w+)(?:\[(-?\d*)(%?):(-?\d*)(%?)\])?$')
 _NETWORK_TIMEOUT_S = 10.0
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mil_jax import config_checks, losses, models, paths, platform, report, sharding, trainer
+from mil_jax import config_checks, losses, models, paths, report, sharding, trainer, tuning
 from mil_jax import input_pipeline as ip
 from mil_jax import workdir as workdir_lib
 from mil_jax.metric_writers import read_metrics
@@ -88,10 +88,7 @@ def make_task(config: ml_collections.ConfigDict, model: nn.Module
 def init_params(config: ml_collections.ConfigDict, model: nn.Module,
                 mesh: jax.sharding.Mesh) -> Any:
   """Model parameters, created directly replicated on the mesh."""
-  rngs = {'params': jax.random.key(config.seed), 'masking': jax.random.key(config.seed + 1)}
-  dummy = jnp.zeros((1, *ip.IMAGE_SHAPE), jnp.float32)
-  init = lambda: model.init(rngs, dummy, train=False)['params']
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  return trainer.init_variables(model, config.seed, mesh)['params']
 
 
 def save_reconstructions(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
@@ -104,7 +101,7 @@ def save_reconstructions(config: ml_collections.ConfigDict, model: nn.Module, pa
   @jax.jit
   def run(params, images):
     x = ip.to_float(images)
-    rng = jax.random.fold_in(jax.random.key(config.seed), 0x5EED)
+    rng = trainer.eval_rng(config.seed)
     reconstruction, aux = model.apply({'params': params}, x, train=False, rngs={'masking': rng})
     rows = {'original': x, 'reconstruction': shown_reconstruction(config, x, reconstruction, aux)}
     if 'mask' in aux:
@@ -123,8 +120,12 @@ def save_reconstructions(config: ml_collections.ConfigDict, model: nn.Module, pa
 
 def build_trainer(config: ml_collections.ConfigDict, model: nn.Module,
                   train_data: ip.DeviceSplit, eval_data: ip.DeviceSplit,
-                  mesh: jax.sharding.Mesh) -> tuple[trainer.Trainer, Any]:
-  """The pretraining stage's trainer for ``model``, and its initial params."""
+                  mesh: jax.sharding.Mesh, speed: tuning.Speed | None = None
+                  ) -> tuple[trainer.Trainer, Any]:
+  """The pretraining stage's trainer for ``model``, and its initial params.
+
+  ``speed``: the run's resolved settings (None: ``config.speed`` resolved for ``mesh``).
+  """
   params = init_params(config, model, mesh)
   spe = max(ip.steps_per_epoch(len(train_data), config.batch_size), 1)
   tx, schedule = make_optimizer(config.optim, params, steps_per_epoch=spe,
@@ -132,7 +133,7 @@ def build_trainer(config: ml_collections.ConfigDict, model: nn.Module,
   loss_fn, eval_fn = make_task(config, model)
   loop = trainer.Trainer(config=config, mesh=mesh, loss_fn=loss_fn, eval_fn=eval_fn, tx=tx,
                          schedule=schedule, train_data=train_data, eval_data=eval_data,
-                         compiler_options=platform.compiler_options(config.model.name))
+                         speed=speed)
   return loop, params
 
 
@@ -158,15 +159,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   sharding.initialize_distributed()
   paths.resolve_data_paths(config.data)
   config_checks.check_pretraining(config)
-  mesh = sharding.training_mesh(config.model.name, config.batch_size)
+  speed = tuning.resolve(config.speed, batch_size=config.batch_size,
+                         steps_per_dispatch=config.steps_per_dispatch,
+                         architecture=config.model.name)
+  tuning.record(config, speed)
+  mesh = sharding.training_mesh(speed.devices)
   sharding.check_batch_size(config.batch_size, mesh)
-  model = models.build_autoencoder(config.model)
+  model = models.build_autoencoder(config.model, speed.model_settings(config.model))
   train_split = ip.load_split(config.data, config.data.train_split)
   eval_split = ip.load_split(config.data, config.data.eval_split)
 
   train_data = ip.DeviceSplit.create(train_split, mesh)
   eval_data = ip.DeviceSplit.create(eval_split, mesh)
-  loop, params = build_trainer(config, model, train_data, eval_data, mesh)
+  loop, params = build_trainer(config, model, train_data, eval_data, mesh, speed)
   state = loop.init_state(params)
   loop.check_programs(state)
   with workdir_lib.claim(workdir, config, overwrite=overwrite) as workdir:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mil_jax import checkpoint, classify, distributed, models, paths, pretrain, report, trainer
+from mil_jax import checkpoint, classify, config_files, distributed, models, paths, pretrain, report, trainer
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import UserError
 
@@ -99,9 +99,8 @@ def _keys(text: str, known: ml_collections.ConfigDict, what: str) -> list[str]:
 
 def pretrain_config(grid: ml_collections.ConfigDict, row: str) -> ml_collections.ConfigDict:
   """The pretraining config of ``row``: its config file and variant, then the grid's fields."""
-  import configs  # noqa: PLC0415 (configs import mil_jax lazily)
   try:
-    config = configs.pretraining_config(grid.row[row].pretrain)
+    config = config_files.pretraining(grid.row[row].pretrain)
   except ValueError as e:
     raise UserError(f'row {row}: {e}.') from None
   if grid.row[row].num_epochs:
@@ -116,9 +115,8 @@ def pretrain_config(grid: ml_collections.ConfigDict, row: str) -> ml_collections
 def classifier_config(grid: ml_collections.ConfigDict, row: str, column: str,
                       pretrained: pathlib.Path) -> ml_collections.ConfigDict:
   """The classifier config of one cell (``column`` a protocol key or ``'knn'``)."""
-  from configs import classifier  # noqa: PLC0415
   try:
-    config = classifier.get_config(grid.classifier or None)
+    config = config_files.classifier(grid.classifier or None)
   except ValueError as e:
     raise UserError(f'config.classifier: {e}.') from None
   if column == KNN:
@@ -352,10 +350,12 @@ def reconstruction_strip(pretrain_dir: pathlib.Path, count: int) -> tuple[np.nda
       return f['original'], f['reconstruction']
   _, _, meta, params = checkpoint.restore_encoder_source(pretrain_dir)
   config = checkpoint.config_from_meta(meta)
-  model = models.build_autoencoder(config.model)
+  # Portable choices (the written-out attention): the strip is computed wherever
+  # the grid runs, whatever the row's pretraining ran on.
+  model = models.build_autoencoder({k: v for k, v in config.model.items() if k != 'attention'})
   images = ip.load_split(config.data, config.data.eval_split).images[:count]
   x = ip.to_float(jnp.asarray(images))
-  rng = jax.random.fold_in(jax.random.key(config.seed), 0x5EED)
+  rng = trainer.eval_rng(config.seed)
   out, aux = model.apply({'params': params}, x, train=False, rngs={'masking': rng})
   shown = pretrain.shown_reconstruction(config, x, out, aux)
   original, shown = np.asarray(x), np.asarray(shown, np.float32)

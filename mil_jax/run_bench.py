@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mil_jax import platform, timing
+from mil_jax import config_files, platform, timing
 from mil_jax.metric_writers import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -24,17 +24,20 @@ EVAL_FRACTION = 0.2
 
 
 def command(spec: str, *, batch: int, dtype: str, steps_per_dispatch: int, num_classes: int,
-            images: int, epochs: int, workdir: pathlib.Path, compile_cache: bool) -> list[str]:
+            images: int, epochs: int, workdir: pathlib.Path, compile_cache: bool,
+            speed: dict[str, str] | None = None) -> list[str]:
   """The ``train_pretrain.py`` command of ``spec`` (``'name[:variant]'``) on fake data of
-  ``images`` training and ``EVAL_FRACTION`` of that many validation images."""
+  ``images`` training and ``EVAL_FRACTION`` of that many validation images
+  (``speed``: fields of the speed block set)."""
   name, _, variant = spec.partition(':')
-  config = ROOT / 'configs' / f'{name}.py'
+  config = config_files.CONFIG_DIR / f'{name}.py'
   overrides = {'batch_size': batch, 'model.dtype': dtype, 'num_epochs': epochs,
                'data.source': 'fake', 'data.fake_train_size': images,
                'data.fake_test_size': max(1, round(images * EVAL_FRACTION)),
                'data.fake_num_classes': num_classes}
   if steps_per_dispatch:
     overrides['steps_per_dispatch'] = steps_per_dispatch
+  overrides.update({f'speed.{k}': v for k, v in (speed or {}).items()})
   return [sys.executable, str(ROOT / 'train_pretrain.py'),
           f'--config={config}' + (f':{variant}' if variant else ''),
           *(f'--config.{k}={v}' for k, v in overrides.items()), f'--workdir={workdir}',

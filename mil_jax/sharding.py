@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mil_jax import distributed, platform
+from mil_jax import distributed
 from mil_jax.errors import UserError
 
 DATA_AXIS = 'data'
@@ -42,26 +42,14 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def devices_for_batch(batch_size: int, devices: int) -> int:
-  """The most of ``devices`` (at least 1) that split ``batch_size`` evenly."""
-  return max(n for n in range(1, devices + 1) if batch_size % n == 0)
+def training_mesh(devices: int | None = None) -> Mesh:
+  """The mesh a training stage runs on: the first ``devices`` devices (all: None).
 
-
-def training_mesh(model: str, batch_size: int,
-                  devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The mesh a training stage of ``model`` runs on: every device, as a rule.
-
-  On a CPU that ``platform.configure`` split into one device per core, the
-  models of ``platform.CPU_DATA_PARALLEL`` take as many devices as divide
-  ``batch_size`` evenly, and any other ``model`` (FC, the classifier on
-  cached features) takes one. A device count the user set in ``XLA_FLAGS``
-  is used whole, as on GPUs and TPUs.
+  How many is a speed setting (``speed.devices``, decided by ``mil_jax.tuning``:
+  every device, except on a CPU split into cores, where a config says how
+  many of them its model gains from).
   """
-  devices = jax.devices() if devices is None else list(devices)
-  if platform.split_cpu() and devices[0].platform == 'cpu' and jax.process_count() == 1:
-    usable = len(devices) if model in platform.CPU_DATA_PARALLEL else 1
-    devices = devices[:devices_for_batch(batch_size, usable)]
-  return make_mesh(devices)
+  return make_mesh(jax.devices()[:devices])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -40,16 +40,16 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.experimental import multihost_utils
 
-from mil_jax import checkpoint, distributed, optim, sharding, timing
+from mil_jax import checkpoint, distributed, optim, sharding, timing, tuning
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import Interrupted, UserError
 from mil_jax.metric_writers import MetricWriter
 from mil_jax.progress import Progress
 
 RNG_STREAMS = ('dropout', 'masking', 'augment')
-
-# Dispatched calls that may be unfinished at once (see ``InFlight``).
-MAX_CALLS_IN_FLIGHT = 2
+# Folded into a run's seed for validation's randomness (the MAE's masks), so
+# that every evaluation of the same params sees the same masks.
+EVAL_KEY = 0x5EED
 LossFn = Callable[[Any, Any, jax.Array, jax.Array, dict[str, jax.Array]],
                   tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
 EvalFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
@@ -63,14 +63,14 @@ class InFlight:
   """Bounds how far the host runs ahead of the devices.
 
   ``add`` takes the outputs of a dispatched call and waits until at most
-  ``limit`` calls are unfinished, so the host still queues the next call
-  while the devices run the current one. An unbounded queue (the host
-  dispatching a whole epoch of small calls ahead) deadlocked XLA:CPU's
-  in-process all-reduce between CPU devices within seconds; with two calls in
-  flight it ran through.
+  ``limit`` calls are unfinished (0: no bound), so the host still queues the
+  next call while the devices run the current one. The bound is
+  ``speed.max_in_flight``: on a CPU, an unbounded queue (the host dispatching
+  a whole epoch of small calls ahead) deadlocked XLA:CPU's in-process
+  all-reduce between CPU devices.
   """
 
-  def __init__(self, limit: int = MAX_CALLS_IN_FLIGHT,
+  def __init__(self, limit: int = tuning.CPU_MAX_IN_FLIGHT,
                wait: Callable[[Any], Any] = jax.block_until_ready):
     self.limit, self._wait = limit, wait
     self._queue: collections.deque[Any] = collections.deque()
@@ -78,7 +78,7 @@ class InFlight:
   def add(self, outputs: Any) -> None:
     """Records the outputs of one dispatched call; blocks on the oldest beyond ``limit``."""
     self._queue.append(outputs)
-    while len(self._queue) > self.limit:
+    while self.limit and len(self._queue) > self.limit:
       self._wait(self._queue.popleft())
 
 
@@ -89,6 +89,22 @@ class TrainState:
   params: Any
   opt_state: Any
   model_state: Any  # non-trained collections, e.g. {'batch_stats': ...}; {} for most models
+
+
+def eval_rng(seed: int) -> jax.Array:
+  """The key of a run's validation (and of anything shown from it)."""
+  return jax.random.fold_in(jax.random.key(seed), EVAL_KEY)
+
+
+def init_variables(module: Any, seed: int, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """``module.init`` on one image, created directly replicated on ``mesh``: params
+  from ``key(seed)``, any other stream the init draws from (the MAE's masks) from
+  ``key(seed + 1)``."""
+  rngs = {'params': jax.random.key(seed), 'masking': jax.random.key(seed + 1),
+          'dropout': jax.random.key(seed + 1)}
+  dummy = jnp.zeros((1, *ip.IMAGE_SHAPE), jnp.float32)
+  return jax.jit(lambda: module.init(rngs, dummy, train=False),
+                 out_shardings=sharding.replicated(mesh))()
 
 
 def step_rngs(seed: int, step: jax.Array) -> dict[str, jax.Array]:
@@ -109,8 +125,8 @@ class Trainer:
     loss_fn, eval_fn: see the module docstring.
     tx, schedule: the optimizer and its learning rate per step.
     train_data, eval_data: the splits, already on the devices.
-    compiler_options: XLA options of the train and eval programs
-      (``platform.compiler_options``).
+    speed: how the steps are computed (``tuning.resolve``); None: the
+      config's ``speed`` block resolved here for ``mesh``.
   """
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
@@ -120,7 +136,7 @@ class Trainer:
   schedule: optax.Schedule
   train_data: ip.DeviceSplit
   eval_data: ip.DeviceSplit
-  compiler_options: dict[str, str] | None = None
+  speed: tuning.Speed | None = None
 
   def __post_init__(self):
     cfg = self.config
@@ -130,16 +146,21 @@ class Trainer:
       raise UserError(f'the training split has {len(self.train_data)} examples, fewer than '
                       f'one batch of {cfg.batch_size}; lower --config.batch_size.')
     self.total_steps = self.steps_per_epoch * cfg.num_epochs
+    if self.speed is None:
+      self.speed = tuning.resolve(
+          {**cfg.get('speed', {}), 'devices': self.mesh.size},
+          batch_size=cfg.batch_size, steps_per_dispatch=cfg.steps_per_dispatch,
+          architecture=cfg.get('model', {}).get('name', 'head'))
     repl = sharding.replicated(self.mesh)
     self._batch_sharding = sharding.batch_sharded(self.mesh)
-    on_cpu = self.mesh.devices.flat[0].platform == 'cpu'
-    self._grad_norm = optim.global_norm if on_cpu else optax.global_norm
+    # The blocked sum of squares is XLA:CPU's fast form of the norm (optim.global_norm).
+    self._grad_norm = optim.global_norm if self.speed.backend == 'cpu' else optax.global_norm
+    options = self.speed.compiler_options()
     self.train_chunk = jax.jit(self._train_chunk, static_argnums=3, donate_argnums=0,
                                in_shardings=(repl, repl, repl), out_shardings=repl,
-                               compiler_options=self.compiler_options)
+                               compiler_options=options)
     self.permutation = jax.jit(self._permutation, out_shardings=repl)
-    self.evaluate_fn = jax.jit(self._evaluate, out_shardings=repl,
-                               compiler_options=self.compiler_options)
+    self.evaluate_fn = jax.jit(self._evaluate, out_shardings=repl, compiler_options=options)
     idx, valid = ip.eval_indices(len(self.eval_data), cfg.batch_size)
     self._eval_idx, self._eval_valid = sharding.put_replicated((idx, valid), self.mesh)
 
@@ -184,20 +205,23 @@ class Trainer:
                    num_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
     """``num_steps`` train steps in one program; metrics stacked ``[num_steps]``.
 
-    The gradient norm is measured on the last step only (NaN on the others):
-    on the FC autoencoder that pass over 12 M gradients took a fifth of each
-    step on a CPU. The host logs the mean over the steps that have it.
+    The gradient norm is measured every ``speed.grad_norm_every`` steps,
+    counted back from the last (NaN on the others): on a CPU that pass over
+    every gradient is a good part of a small step. The host logs the mean over
+    the steps that have it.
     """
     if num_steps == 1:
       state, metrics = self.train_step(state, data, perm)
       return state, jax.tree.map(lambda m: m[None], metrics)
-    return jax.lax.scan(lambda s, i: self.train_step(s, data, perm, i == num_steps - 1), state,
-                        jnp.arange(num_steps))
+    every = self.speed.grad_norm_every
+    return jax.lax.scan(
+        lambda s, i: self.train_step(s, data, perm, (num_steps - 1 - i) % every == 0), state,
+        jnp.arange(num_steps))
 
   def _evaluate(self, params: Any, model_state: Any, data: ip.DeviceSplit, idx: jax.Array,
                 valid: jax.Array) -> dict[str, jax.Array]:
     """Means of ``eval_fn`` over every example of ``data``, in one program."""
-    rng = jax.random.fold_in(jax.random.key(self.config.seed), 0x5EED)
+    rng = eval_rng(self.config.seed)
 
     def batch_sums(b: jax.Array) -> dict[str, jax.Array]:
       images = jax.lax.with_sharding_constraint(data.images[idx[b]], self._batch_sharding)
@@ -233,7 +257,8 @@ class Trainer:
     """
     requests = distributed.StopRequests()  # SIGINT/SIGTERM: one step where every process stops
     run = Progress(step=int(state.step), saved_step=int(state.step), writer=writer,
-                   mngr=mngr, meta=meta, stop=[], stop_requests=requests, in_flight=InFlight())
+                   mngr=mngr, meta=meta, stop=[], stop_requests=requests,
+                   in_flight=InFlight(self.speed.max_in_flight))
     try:
       while run.step < self.total_steps:
         state, train_loss = self._train_epoch(state, run)

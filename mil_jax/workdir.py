@@ -38,11 +38,12 @@ RUN_OUTPUTS = ('checkpoints', 'damaged_checkpoints', 'metrics.jsonl', CONFIG_FIL
                'loss.png', 'reconstructions.png', 'accuracy.png')
 TENSORBOARD_GLOB = 'events.out.tfevents.*'
 # Fields a resumed run may change: how often it logs, evaluates and saves, how
-# many steps go in one call, and how long it trains (a larger num_epochs
-# extends the run; the learning-rate schedule follows the new length).
+# many steps go in one call, how they are computed (``speed``, which a run
+# moved to another machine decides anew), and how long it trains (a larger
+# num_epochs extends the run; the learning-rate schedule follows the new length).
 RESUMABLE_FIELDS = frozenset({'num_epochs', 'log_every_steps', 'eval_every_epochs',
                               'checkpoint_every_secs', 'checkpoint_every_steps',
-                              'keep_checkpoints', 'steps_per_dispatch'})
+                              'keep_checkpoints', 'steps_per_dispatch', 'speed'})
 
 
 def _describe(value: Any) -> str:
@@ -157,7 +158,8 @@ def _check_config(workdir: pathlib.Path, config_json: dict[str, Any], overwrite:
     return
   if stored is None or not steps:
     return  # nothing trained here yet: the new config simply takes over
-  diff = [d for d in differences(stored, config_json) if d.split(' ')[0] not in RESUMABLE_FIELDS]
+  diff = [d for d in differences(stored, config_json)
+          if d.split(' ')[0].split('.')[0] not in RESUMABLE_FIELDS]
   if diff:
     more = f' and {len(diff) - 4} more' if len(diff) > 4 else ''
     raise UserError(

@@ -1,5 +1,6 @@
 """Tests of the benchmark command and of steps per dispatch (no timing asserted)."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -154,20 +155,16 @@ def test_dot_convs_equal_flax_convs(side, cin, cout):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
-def test_conv_programs_compile_without_ynnpack_on_cpu(monkeypatch):
-  """platform.CPU_COMPILER_OPTIONS reaches the trainer's compiled program."""
-  from mil_jax import platform
-
-  def compiled_text():
-    config = bench.load_config('conv:192,runlocal', 8, 'float32', 1)
-    loop, state, _ = bench.build(config, 'pretrain')
-    return loop.train_chunk.lower(state, loop.train_data, loop.permutation(state.step),
-                                  1).compile().as_text()
-
-  assert platform.compiler_options('conv') == {'xla_cpu_experimental_ynn_fusion_type': ''}
-  assert '__ynn' not in compiled_text()
-  monkeypatch.setattr(platform, 'CPU_COMPILER_OPTIONS', {})
-  assert '__ynn' in compiled_text()
+@pytest.mark.parametrize('fusions', ['none', 'all'])
+def test_ynn_setting_reaches_the_compiled_program(fusions):
+  """speed.cpu_ynn_fusions decides whether the train step uses YNNPACK's kernels."""
+  config = bench.load_config('conv:192,runlocal', 8, 'float32', 1,
+                             speed={'cpu_ynn_fusions': fusions})
+  loop, state, _ = bench.build(config, 'pretrain')
+  assert loop.speed.cpu_ynn_fusions == fusions
+  text = loop.train_chunk.lower(state, loop.train_data, loop.permutation(state.step),
+                                1).compile().as_text()
+  assert ('__ynn' in text) == (fusions == 'all')
 
 
 def test_run_summary_leaves_out_the_first_epoch():
@@ -233,5 +230,6 @@ print(run_bench.environment()['XLA_FLAGS'])
   out = run_command(['-c', script], env={'JAX_PLATFORMS': 'cpu'}, timeout=60)
   assert out.returncode == 0, out.stderr[-3000:]
   tuned, run = out.stdout.splitlines()
-  assert '--xla_cpu_experimental_ynn_fusion_type' in tuned
+  if len(os.sched_getaffinity(0)) > 1:  # configure split the CPU into one device per core
+    assert '--xla_force_host_platform_device_count' in tuned
   assert run == '--xla_dump_to=/nonexistent'

@@ -53,7 +53,7 @@ def test_frozen_encoder_stays_bit_identical(tmp_path, pretrained, mode, cache, a
   assert set(params) == {'encoder', 'head'}
   jax.tree.map(np.testing.assert_array_equal, params['encoder'], want)
   # ...while the head did train.
-  model_cfg, _, _ = classify.resolve_encoder(config)
+  model_cfg = classify.resolve_encoder(config).model
   clf = classify.build_classifier(config, model_cfg, 10)
   init, _ = classify._init(clf, config, None, sharding.make_mesh())
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), params['head'], init['head'])
@@ -73,7 +73,7 @@ def test_fine_tune_changes_encoder(tmp_path, pretrained):
 
 def test_optimizer_state_holds_nothing_for_frozen_leaves(pretrained):
   config = clf_config(pretrained, mode='fine_tune')
-  model_cfg, encoder, _ = classify.resolve_encoder(config)
+  model_cfg, encoder, _, _ = classify.resolve_encoder(config)
   clf = classify.build_classifier(config, model_cfg, 10)
   params, _ = classify._init(clf, config, encoder, sharding.make_mesh())
   tx, _ = optim.make_optimizer(config.optim, params, steps_per_epoch=4, total_steps=8,
@@ -85,7 +85,7 @@ def test_optimizer_state_holds_nothing_for_frozen_leaves(pretrained):
 
 
 def test_restored_encoder_equals_pretrained(pretrained):
-  _, encoder, source = classify.resolve_encoder(clf_config(pretrained))
+  _, encoder, source, _ = classify.resolve_encoder(clf_config(pretrained))
   assert source.endswith('/checkpoints/4')
   jax.tree.map(np.testing.assert_array_equal, encoder, pretrained_encoder(pretrained))
 
@@ -186,7 +186,7 @@ def test_attention_choice_of_the_pretraining_run_is_not_inherited(tmp_path):
   config = mae_config.get_config('seed,runlocal,attention=xla')
   config.num_epochs, config.data.fake_train_size, config.data.fake_test_size = 1, 64, 32
   pretrain.train_and_evaluate(config, tmp_path / 'pretrain_mae')
-  model_cfg, params, _ = classify.resolve_encoder(clf_config(tmp_path / 'pretrain_mae'))
+  model_cfg, params, _, _ = classify.resolve_encoder(clf_config(tmp_path / 'pretrain_mae'))
   assert model_cfg['name'] == 'mae' and model_cfg['attention'] == 'auto'
   assert set(params) >= {'cls_token', 'transformer'}
 

@@ -36,7 +36,7 @@ def test_configure_leaves_one_core_and_the_users_count_alone(fresh):
   assert not platform.split_cpu()
   flags = fresh(4, f'{DEVICE_COUNT}=3')
   assert flags.count(DEVICE_COUNT) == 1 and f'{DEVICE_COUNT}=3' in flags
-  assert not platform.split_cpu()  # the user chose: training_mesh uses every device
+  assert not platform.split_cpu()  # the user chose: speed.devices 'auto' takes every device
 
 
 def test_configure_does_nothing_off_the_cpu(fresh, monkeypatch):
@@ -45,10 +45,21 @@ def test_configure_does_nothing_off_the_cpu(fresh, monkeypatch):
   assert not platform.split_cpu()
 
 
+def test_configure_adds_no_compiler_flags_beyond_the_split(fresh):
+  assert fresh(2).split() == [f'{DEVICE_COUNT}=2']  # YNNPACK's fusions are per program
+
+
 def test_in_flight_keeps_at_most_limit_calls_unfinished():
   waited = []
   in_flight = trainer.InFlight(limit=2, wait=waited.append)
   for call in range(5):
     in_flight.add(call)
     assert waited == list(range(max(0, call - 1)))  # calls call-1 and call still running
-  assert trainer.InFlight().limit == trainer.MAX_CALLS_IN_FLIGHT == 2
+
+
+def test_in_flight_without_a_bound_never_waits():
+  waited = []
+  in_flight = trainer.InFlight(limit=0, wait=waited.append)
+  for call in range(50):
+    in_flight.add(call)
+  assert waited == []

@@ -57,18 +57,13 @@ def test_eight_devices_shard_the_batch():
   run_on_eight_devices(script)
 
 
-def test_training_mesh_on_a_split_cpu():
+def test_training_mesh_takes_the_devices_the_settings_say():
   script = textwrap.dedent('''
-      from mil_jax import platform, sharding
-      assert not platform.split_cpu()  # the device count came from the user's XLA_FLAGS
-      assert sharding.training_mesh('fc', 32).size == 8
-      platform.split_cpu = lambda: True  # as if configure() had split the CPU
-      sizes = {(m, b): sharding.training_mesh(m, b).size
-               for m, b in [('conv', 32), ('conv', 12), ('conv', 7), ('mae', 128),
-                            ('fc', 32), ('features', 32)]}
-      print(sizes)
-      assert sizes == {('conv', 32): 8, ('conv', 12): 6, ('conv', 7): 7, ('mae', 128): 8,
-                       ('fc', 32): 1, ('features', 32): 1}, sizes
+      import jax
+      from mil_jax import sharding
+      assert sharding.training_mesh().size == 8
+      mesh = sharding.training_mesh(3)
+      assert mesh.size == 3 and list(mesh.devices.flat) == jax.devices()[:3]
       print('ok')
   ''')
   run_on_eight_devices(script)

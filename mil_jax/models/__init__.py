@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mil_jax.errors import UserError
+from mil_jax.images import IMAGE_SHAPE, IMAGE_SIZE
 from mil_jax.models import conv_ae, fc_ae, mae, masked_unet, vit
 
 
@@ -55,14 +56,6 @@ def _check_mae(cfg: Mapping[str, Any]) -> None:
   if cfg['attention'] not in vit.ATTENTION_IMPLEMENTATIONS:
     raise UserError(f"mae attention must be one of {', '.join(vit.ATTENTION_IMPLEMENTATIONS)}, "
                     f"got {cfg['attention']!r}.")
-  if cfg['attention'] == 'cudnn':
-    for width, heads in (('width', 'num_heads'), ('decoder_width', 'decoder_num_heads')):
-      head_dim = cfg[width] // cfg[heads]
-      if not vit.cudnn_applies(cfg['dtype'], head_dim):
-        raise UserError(
-            f"mae attention 'cudnn' needs dtype bfloat16, an NVIDIA GPU (compute capability 8.0 "
-            f"or newer; this run is on {jax.default_backend()}) and a head width that is a "
-            f"multiple of 8 up to 128 ({width} / {heads} is {head_dim}); use attention 'auto'.")
 
 
 def _check_masked_unet(cfg: Mapping[str, Any]) -> None:
@@ -71,8 +64,9 @@ def _check_masked_unet(cfg: Mapping[str, Any]) -> None:
                     f"got {cfg['num_layers']}.")
   if cfg['channel_factor'] < 1 or cfg['start_filters'] < 1:
     raise UserError('masked_unet channel_factor and start_filters must be positive integers.')
-  if 32 % cfg['patch_size']:
-    raise UserError(f"masked_unet patch_size {cfg['patch_size']} must divide the image side 32.")
+  if IMAGE_SIZE % cfg['patch_size']:
+    raise UserError(f"masked_unet patch_size {cfg['patch_size']} must divide the image side "
+                    f"{IMAGE_SIZE}.")
   if not 0.0 <= cfg['mask_ratio'] < 1.0:
     raise UserError(f"masked_unet mask_ratio must be in [0, 1), got {cfg['mask_ratio']}.")
   if cfg['mask_fill'] not in masked_unet.MASK_FILLS:
@@ -103,8 +97,10 @@ def _module_fields(cls: type[nn.Module]) -> set[str]:
   return {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
 
 
-def _resolve(model_config: Mapping[str, Any]) -> tuple[_Entry, dict[str, Any]]:
-  """Checks a model config and turns it into autoencoder constructor kwargs."""
+def _resolve(model_config: Mapping[str, Any],
+             settings: Mapping[str, Any] | None) -> tuple[_Entry, dict[str, Any]]:
+  """Checks a model config and turns it into autoencoder constructor kwargs, with
+  the ``settings`` (``tuning.Speed.model_settings``) the class has."""
   name = model_config['name']
   if name not in MODELS:
     raise UserError(f'unknown model name {name!r}; known models: {", ".join(sorted(MODELS))}.')
@@ -122,24 +118,30 @@ def _resolve(model_config: Mapping[str, Any]) -> tuple[_Entry, dict[str, Any]]:
   # module attributes should be hashable.
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   entry.check({**{f.name: f.default for f in dataclasses.fields(entry.autoencoder)}, **kwargs})
+  fields = _module_fields(entry.autoencoder)
+  kwargs.update({k: v for k, v in (settings or {}).items() if k in fields})
   return entry, kwargs
 
 
-def build_autoencoder(model_config: Mapping[str, Any]) -> nn.Module:
+def build_autoencoder(model_config: Mapping[str, Any],
+                      settings: Mapping[str, Any] | None = None) -> nn.Module:
   """The autoencoder named by ``model_config.name`` ('fc' | 'conv' | 'mae' | 'masked_unet').
 
   Its params are ``{'encoder': ..., 'decoder': ...}``; ``apply(v, x,
   train=...)`` returns ``(reconstruction [B, 32, 32, 3], aux)`` and
   ``apply(v, x, method='encode')`` the encoder's features [B, D].
+  ``settings``: how the run computes it (``tuning.Speed.model_settings``);
+  without them, the portable choices (written-out attention, no chunks).
 
   Raises:
     UserError: unknown name, unknown field or an invalid value.
   """
-  entry, kwargs = _resolve(model_config)
+  entry, kwargs = _resolve(model_config, settings)
   return entry.autoencoder(**kwargs)
 
 
-def build_encoder(model_config: Mapping[str, Any]) -> nn.Module:
+def build_encoder(model_config: Mapping[str, Any],
+                  settings: Mapping[str, Any] | None = None) -> nn.Module:
   """The encoder of that autoencoder alone: ``apply(v, x, train=...) -> [B, D]``.
 
   Its param tree equals the autoencoder's ``params['encoder']``, so a
@@ -148,13 +150,13 @@ def build_encoder(model_config: Mapping[str, Any]) -> nn.Module:
   Raises:
     UserError: as ``build_autoencoder``.
   """
-  entry, kwargs = _resolve(model_config)
+  entry, kwargs = _resolve(model_config, settings)
   fields = _module_fields(entry.encoder)
   return entry.encoder(**{k: v for k, v in kwargs.items() if k in fields})
 
 
 # The models are built for CIFAR images; the count does not depend on batch.
-_IMAGES = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+_IMAGES = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE), jnp.float32)
 
 
 def _count(tree: Any) -> int:

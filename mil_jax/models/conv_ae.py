@@ -19,9 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mil_jax.images import IMAGE_SIZE
+
 Dtype = Any
 
-IMAGE_SIZE = 32
 
 
 def _xavier_normal(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
@@ -29,17 +30,17 @@ def _xavier_normal(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.fl
 
   An untruncated normal with variance 2 / (fan_in + fan_out), both fans
   counted with the receptive field. The numbers are drawn as a flat vector
-  and reshaped because XLA:CPU compiles random bits of a 4-D shape many times
-  slower than of a 1-D one (seconds per kernel: most of a test's run time).
+  and reshaped because XLA:CPU compiles random bits of a 4-D shape much
+  slower than of a 1-D one; the numbers are the same either way.
   """
   receptive = math.prod(shape[:-2])
   std = math.sqrt(2.0 / (receptive * shape[-2] + receptive * shape[-1]))
   return (std * jax.random.normal(key, (math.prod(shape),), dtype)).reshape(shape)
 
-# Every conv is written with dots instead of lax.conv: with these tiny channel
-# counts XLA:CPU runs lax.conv, and above all its gradients, several times
-# slower than a few plain dots over a space-to-depth view of the image, and the
-# dot form is as fast on a GPU. A k4 s2 p1 conv is a k2 s1 conv over 2x2 pixel
+# The convs are written with dots by default (``speed.conv_impl`` 'dots'): with
+# these tiny channel counts XLA:CPU runs lax.conv, and above all its gradients,
+# slower than a few plain dots over a space-to-depth view of the image
+# (docs/performance.md); 'xla' computes them with lax.conv. A k4 s2 p1 conv is a k2 s1 conv over 2x2 pixel
 # blocks (four shifted dots), and the transposed conv is its exact transpose
 # (four dots whose outputs are shifted, summed and put back to pixels), so
 # neither ever builds a patch matrix. The params are those of nn.Conv /
@@ -124,11 +125,35 @@ def conv_up(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   return _depth_to_space(blocks) + bias
 
 
+_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def conv_down_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """``conv_down`` as XLA's convolution (nn.Conv's computation)."""
+  return jax.lax.conv_general_dilated(x, kernel, (2, 2), _CONV_PADDING,
+                                      dimension_numbers=_DIMENSIONS) + bias
+
+
+def conv_up_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """``conv_up`` as XLA's transposed convolution (nn.ConvTranspose's computation)."""
+  return jax.lax.conv_transpose(x, kernel, (2, 2), _CONV_TRANSPOSE_PADDING,
+                                dimension_numbers=_DIMENSIONS) + bias
+
+
+# How the convs are computed (``speed.conv_impl``, decided by mil_jax.tuning):
+# the same function of the same params either way.
+CONV_IMPLS = {'dots': (conv_down, conv_up), 'xla': (conv_down_xla, conv_up_xla)}
+
+
 class _Conv(nn.Module):
-  """A 4x4 stride-2 conv (``up``: transposed) with nn.Conv's param names and shapes."""
+  """A 4x4 stride-2 conv (``up``: transposed) with nn.Conv's param names and shapes.
+
+  ``impl``: 'dots' (four dots over 2x2 blocks) or 'xla' (XLA's convolution).
+  """
   features: int
   up: bool = False
   dtype: Dtype = jnp.float32
+  impl: str = 'dots'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -136,7 +161,7 @@ class _Conv(nn.Module):
     kernel = self.param('kernel', _xavier_normal, (4, 4, x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
     x, kernel, bias = (t.astype(self.dtype) for t in (x, kernel, bias))
-    return (conv_up if self.up else conv_down)(x, kernel, bias)
+    return CONV_IMPLS[self.impl][self.up](x, kernel, bias)
 
 
 def channels(num_layers: int, channel_factor: int, start_filters: int) -> list[int]:
@@ -158,12 +183,14 @@ class ConvEncoder(nn.Module):
     start_filters: channels of the first conv.
     negative_slope: of the LeakyReLU after each conv.
     dtype: compute dtype (params stay float32).
+    conv_impl: how the convs are computed, 'dots' | 'xla' (``CONV_IMPLS``).
   """
   num_layers: int = 4
   channel_factor: int = 2
   start_filters: int = 6
   negative_slope: float = 0.2
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'dots'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -180,7 +207,7 @@ class ConvEncoder(nn.Module):
     del train
     x = x.astype(self.dtype)
     for i, c in enumerate(channels(self.num_layers, self.channel_factor, self.start_filters)):
-      x = _Conv(c, dtype=self.dtype, name=f'conv_{i}')(x)
+      x = _Conv(c, dtype=self.dtype, impl=self.conv_impl, name=f'conv_{i}')(x)
       x = nn.leaky_relu(x, self.negative_slope)
       if i > 0:
         x = nn.LayerNorm(dtype=self.dtype, name=f'norm_{i}')(x)
@@ -195,11 +222,13 @@ class ConvDecoder(nn.Module):
     channel_factor: as the encoder's.
     start_filters: as the encoder's.
     dtype: compute dtype.
+    conv_impl: how the convs are computed, 'dots' | 'xla'.
   """
   num_layers: int = 4
   channel_factor: int = 2
   start_filters: int = 6
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'dots'
 
   @nn.compact
   def __call__(self, z: jax.Array, *, train: bool) -> jax.Array:
@@ -217,10 +246,12 @@ class ConvDecoder(nn.Module):
     side = latent_side(self.num_layers)
     z = z.reshape(z.shape[0], side, side, widths[-1])
     for i, c in enumerate(reversed(widths[:-1])):
-      z = _Conv(c, up=True, dtype=self.dtype, name=f'conv_transpose_{i}')(z)
+      z = _Conv(c, up=True, dtype=self.dtype, impl=self.conv_impl,
+                name=f'conv_transpose_{i}')(z)
       z = nn.relu(z)
       z = nn.LayerNorm(dtype=self.dtype, name=f'norm_{i}')(z)
-    z = _Conv(3, up=True, dtype=self.dtype, name=f'conv_transpose_{self.num_layers - 1}')(z)
+    z = _Conv(3, up=True, dtype=self.dtype, impl=self.conv_impl,
+              name=f'conv_transpose_{self.num_layers - 1}')(z)
     return jnp.tanh(z.astype(jnp.float32))
 
 
@@ -232,17 +263,21 @@ class ConvAutoencoder(nn.Module):
     channel_factor: channel multiplier per layer (reference 2).
     start_filters: first conv's channels (6 for Conv-192, 8 for Conv-256).
     dtype: compute dtype.
+    conv_impl: how the convs are computed, 'dots' | 'xla'.
   """
   num_layers: int = 4
   channel_factor: int = 2
   start_filters: int = 6
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'dots'
 
   def setup(self):
     self.encoder = ConvEncoder(num_layers=self.num_layers, channel_factor=self.channel_factor,
-                               start_filters=self.start_filters, dtype=self.dtype)
+                               start_filters=self.start_filters, dtype=self.dtype,
+                               conv_impl=self.conv_impl)
     self.decoder = ConvDecoder(num_layers=self.num_layers, channel_factor=self.channel_factor,
-                               start_filters=self.start_filters, dtype=self.dtype)
+                               start_filters=self.start_filters, dtype=self.dtype,
+                               conv_impl=self.conv_impl)
 
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Reconstructs images.

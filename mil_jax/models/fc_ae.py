@@ -15,9 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mil_jax.images import IMAGE_SHAPE
+
 Dtype = Any
 
-IMAGE_SHAPE = (32, 32, 3)
 
 # torch.nn.Linear's default weight init (kaiming_uniform with a=sqrt(5)) is
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1/(3 fan_in). Biases start

@@ -73,6 +73,8 @@ class MAEEncoder(nn.Module):
     dtype: compute dtype (params stay float32).
     attention: how attention is computed ('auto' | 'xla' | 'cudnn', see
       ``vit.ATTENTION_IMPLEMENTATIONS``).
+    attention_chunk_bytes, attention_groups: how attention chunks the batch
+      (``vit.attention``; decided by mil_jax.tuning).
     drop_path_rate: stochastic depth of the last block, for fine-tuning
       (``vit.drop_path_rates``; 'dropout' rng stream when training).
   """
@@ -86,6 +88,8 @@ class MAEEncoder(nn.Module):
   pool: str = 'cls'
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
+  attention_chunk_bytes: int = 0
+  attention_groups: int = 1
   drop_path_rate: float = 0.0
 
   def setup(self):
@@ -95,6 +99,8 @@ class MAEEncoder(nn.Module):
     self.pos_embed = _position_embedding(self, self.pos_embedding, grid, self.width)
     self.transformer = vit.Transformer(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
                                        attention=self.attention,
+                                       attention_chunk_bytes=self.attention_chunk_bytes,
+                                       attention_groups=self.attention_groups,
                                        drop_path_rate=self.drop_path_rate)
 
   def encode_visible(self, images: jax.Array, *, mask_ratio: float,
@@ -158,6 +164,7 @@ class MAEDecoder(nn.Module):
     channels: image channels to predict.
     dtype: compute dtype.
     attention: how attention is computed ('auto' | 'xla' | 'cudnn').
+    attention_chunk_bytes, attention_groups: as the encoder's.
   """
   image_size: int = 32
   patch_size: int = 2
@@ -169,6 +176,8 @@ class MAEDecoder(nn.Module):
   channels: int = 3
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
+  attention_chunk_bytes: int = 0
+  attention_groups: int = 1
 
   @nn.compact
   def __call__(self, tokens: jax.Array, ids_restore: jax.Array, *, train: bool) -> jax.Array:
@@ -192,7 +201,8 @@ class MAEDecoder(nn.Module):
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     x = x + _position_embedding(self, self.pos_embedding, grid, self.width).astype(self.dtype)
     x = vit.Transformer(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
-                        attention=self.attention, name='transformer')(x, train=train)
+                        attention=self.attention, attention_chunk_bytes=self.attention_chunk_bytes,
+                        attention_groups=self.attention_groups, name='transformer')(x, train=train)
     pred = nn.Dense(self.patch_size ** 2 * self.channels, dtype=self.dtype,
                     kernel_init=_dense_init, name='pred')(x[:, 1:])
     return pred
@@ -208,6 +218,7 @@ class MAE(nn.Module):
       reconstruction is mapped back to pixels with the input patches' stats.
     dtype: compute dtype.
     attention: how attention is computed ('auto' | 'xla' | 'cudnn').
+    attention_chunk_bytes, attention_groups: as the encoder's.
     drop_path_rate: the encoder's stochastic depth (0 in pretraining; the
       field exists so that an encoder config always builds its autoencoder).
   """
@@ -227,6 +238,8 @@ class MAE(nn.Module):
   pool: str = 'cls'
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
+  attention_chunk_bytes: int = 0
+  attention_groups: int = 1
   drop_path_rate: float = 0.0
 
   def setup(self):
@@ -234,12 +247,14 @@ class MAE(nn.Module):
         image_size=self.image_size, patch_size=self.patch_size, width=self.width,
         depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         pos_embedding=self.pos_embedding, pool=self.pool, dtype=self.dtype,
-        attention=self.attention, drop_path_rate=self.drop_path_rate)
+        attention=self.attention, attention_chunk_bytes=self.attention_chunk_bytes,
+        attention_groups=self.attention_groups, drop_path_rate=self.drop_path_rate)
     self.decoder = MAEDecoder(
         image_size=self.image_size, patch_size=self.patch_size, width=self.decoder_width,
         depth=self.decoder_depth, num_heads=self.decoder_num_heads,
         mlp_dim=self.decoder_mlp_dim, pos_embedding=self.pos_embedding, dtype=self.dtype,
-        attention=self.attention)
+        attention=self.attention, attention_chunk_bytes=self.attention_chunk_bytes,
+        attention_groups=self.attention_groups)
 
   def __call__(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masks, encodes the visible patches and predicts all of them.

@@ -47,6 +47,7 @@ class MaskedUNetEncoder(nn.Module):
       channel, a param) or 'zero'.
     negative_slope: of the LeakyReLU after each conv.
     dtype: compute dtype (params stay float32).
+    conv_impl: how the convs are computed, 'dots' | 'xla' (``conv_ae.CONV_IMPLS``).
   """
   num_layers: int = 4
   channel_factor: int = 2
@@ -54,13 +55,14 @@ class MaskedUNetEncoder(nn.Module):
   mask_fill: str = 'learned'
   negative_slope: float = 0.2
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'dots'
 
   def setup(self):
     widths = conv_ae.channels(self.num_layers, self.channel_factor, self.start_filters)
     # The Conv autoencoder's param names (conv_i, norm_i from 1), set by
     # attribute name as setup() names submodules.
     for i, c in enumerate(widths):
-      setattr(self, f'conv_{i}', conv_ae._Conv(c, dtype=self.dtype))
+      setattr(self, f'conv_{i}', conv_ae._Conv(c, dtype=self.dtype, impl=self.conv_impl))
       if i > 0:
         setattr(self, f'norm_{i}', nn.LayerNorm(dtype=self.dtype))
     # Declared in setup, so the standalone encoder has it too and the
@@ -126,11 +128,13 @@ class MaskedUNetDecoder(nn.Module):
     channel_factor: as the encoder's.
     start_filters: as the encoder's.
     dtype: compute dtype.
+    conv_impl: as the encoder's.
   """
   num_layers: int = 4
   channel_factor: int = 2
   start_filters: int = 8
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'dots'
 
   @nn.compact
   def __call__(self, maps: list[jax.Array], *, train: bool) -> jax.Array:
@@ -147,10 +151,11 @@ class MaskedUNetDecoder(nn.Module):
     widths = conv_ae.channels(self.num_layers, self.channel_factor, self.start_filters)
     z = maps[-1]
     for k, level in enumerate(reversed(range(self.num_layers - 1))):
-      z = conv_ae._Conv(widths[level], up=True, dtype=self.dtype, name=f'conv_transpose_{k}')(z)
+      z = conv_ae._Conv(widths[level], up=True, dtype=self.dtype, impl=self.conv_impl,
+                        name=f'conv_transpose_{k}')(z)
       z = nn.LayerNorm(dtype=self.dtype, name=f'norm_{k}')(nn.relu(z))
       z = jnp.concatenate([z, maps[level].astype(z.dtype)], axis=-1)
-    z = conv_ae._Conv(3, up=True, dtype=self.dtype,
+    z = conv_ae._Conv(3, up=True, dtype=self.dtype, impl=self.conv_impl,
                       name=f'conv_transpose_{self.num_layers - 1}')(z)
     return jnp.tanh(z.astype(jnp.float32))
 
@@ -166,6 +171,7 @@ class MaskedUNet(nn.Module):
     mask_ratio: fraction of patches removed in ``__call__``, in [0, 1).
     mask_fill: 'learned' | 'zero', what a removed pixel holds.
     dtype: compute dtype.
+    conv_impl: how the convs are computed, 'dots' | 'xla'.
   """
   num_layers: int = 4
   channel_factor: int = 2
@@ -174,14 +180,16 @@ class MaskedUNet(nn.Module):
   mask_ratio: float = 0.6
   mask_fill: str = 'learned'
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'dots'
 
   def setup(self):
     self.encoder = MaskedUNetEncoder(
         num_layers=self.num_layers, channel_factor=self.channel_factor,
-        start_filters=self.start_filters, mask_fill=self.mask_fill, dtype=self.dtype)
+        start_filters=self.start_filters, mask_fill=self.mask_fill, dtype=self.dtype,
+        conv_impl=self.conv_impl)
     self.decoder = MaskedUNetDecoder(
         num_layers=self.num_layers, channel_factor=self.channel_factor,
-        start_filters=self.start_filters, dtype=self.dtype)
+        start_filters=self.start_filters, dtype=self.dtype, conv_impl=self.conv_impl)
 
   def __call__(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masks a random share of the patches and reconstructs the whole image.

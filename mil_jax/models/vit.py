@@ -15,8 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mil_jax import sharding
-
 Dtype = Any
 
 # Xavier-uniform weights and zero biases, as the MAE reference initializes
@@ -24,45 +22,15 @@ Dtype = Any
 _dense_init = nn.initializers.xavier_uniform()
 
 
-# On the CPU, attention runs over chunks of examples whose [c, H, T, T]
-# weights take at most this many bytes, with the chunk's scores recomputed in
-# the backward pass (jax.checkpoint): the weights then stay in cache through
-# the softmax and its gradient instead of streaming through memory. For the
-# reference MAE's decoder (3 heads, 257 tokens) that is 2 images per chunk,
-# and it halved the attention's forward + backward time on a 2-core CPU.
-CPU_ATTENTION_CHUNK_BYTES = 2 << 20
-
-
 # How attention is computed (the ``attention`` field of the MAE config):
 #   'xla': written out below, two batched matmuls and a float32 softmax that
 #     XLA fuses, on every backend;
 #   'cudnn': jax.nn.dot_product_attention's cuDNN kernel, fused so that the
 #     [T, T] weights never reach memory; NVIDIA GPUs, bfloat16 only;
-#   'auto' (the default): 'cudnn' where it applies (``cudnn_applies``), else
-#     'xla'. On an H100 it made the MAE (seed, bfloat16, batch 4096) train at
-#     37,400 images/s instead of 30,300 (README, Performance).
+#   'auto' (the default): decided by mil_jax.tuning for the run's platform
+#     ('cudnn' where it applies, else 'xla'); a model built without the run's
+#     settings computes 'xla'.
 ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
-
-
-def cudnn_applies(dtype: Dtype, head_dim: int) -> bool:
-  """Whether cuDNN's flash attention runs here: bfloat16, an NVIDIA GPU of
-  compute capability 8.0 or newer (A100, H100, ...), a head width that is a
-  multiple of 8 up to 128."""
-  if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or head_dim % 8 or head_dim > 128:
-    return False
-  if jax.default_backend() != 'gpu':
-    return False
-  try:
-    return float(getattr(jax.devices()[0], 'compute_capability', '')) >= 8.0
-  except ValueError:  # not a CUDA device (e.g. ROCm's 'gfx90a')
-    return False
-
-
-def resolve_attention(implementation: str, dtype: Dtype, head_dim: int) -> str:
-  """The implementation that ``implementation`` means here ('xla' or 'cudnn')."""
-  if implementation != 'auto':
-    return implementation
-  return 'cudnn' if cudnn_applies(dtype, head_dim) else 'xla'
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -72,21 +40,15 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.einsum('bhts,bhsd->bhtd', weights, v)
 
 
-def cpu_batch_groups(batch: int) -> int:
-  """Equal parts of the batch on separate CPU devices (as ``sharding.training_mesh``
-  splits it): each device chunks its own part. 1 off the CPU."""
-  if jax.default_backend() != 'cpu':
-    return 1
-  return sharding.devices_for_batch(batch, jax.device_count())
-
-
-def attention_chunk(batch: int, heads: int, length: int, groups: int = 1) -> int:
-  """Examples per attention chunk in each of ``groups`` parts of the batch:
-  the whole part (no chunking) except on the CPU."""
+def attention_chunk(batch: int, heads: int, length: int, groups: int = 1,
+                    chunk_bytes: int = 0) -> int:
+  """Examples per attention chunk in each of ``groups`` parts of the batch: the
+  most that divide the part and whose float32 weights [c, H, T, T] fit in
+  ``chunk_bytes`` (at least 1); the whole part when ``chunk_bytes`` is 0."""
   part = batch // groups
-  if jax.default_backend() != 'cpu':
+  if not chunk_bytes:
     return part
-  fit = max(1, CPU_ATTENTION_CHUNK_BYTES // (4 * heads * length * length))
+  fit = max(1, chunk_bytes // (4 * heads * length * length))
   return max(c for c in range(1, min(fit, part) + 1) if part % c == 0)
 
 
@@ -108,24 +70,25 @@ def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return out[:, :length]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int | None = None,
-              groups: int | None = None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_bytes: int = 0,
+              groups: int = 1) -> jax.Array:
   """Softmax attention, scaled by 1/sqrt(head width); softmax in float32.
 
   Args:
     q, k, v: [B, H, T, D] (heads before tokens).
-    chunk: examples per chunk of each group (a divisor of B / groups);
-      ``None``: ``attention_chunk``.
+    chunk_bytes: attention weights per chunk of examples (``attention_chunk``),
+      each chunk's recomputed in the backward pass (jax.checkpoint), so that
+      they stay in cache through the softmax and its gradient; 0: no chunks.
     groups: equal parts of the batch (one per device it is split over); each
       loop step takes one chunk of every part, so no device waits on
-      another's examples. ``None``: ``cpu_batch_groups``.
+      another's examples.
 
   Returns:
     [B, H, T, D].
   """
   batch, heads, length, _ = q.shape
-  groups = cpu_batch_groups(batch) if groups is None else groups
-  chunk = attention_chunk(batch, heads, length, groups) if chunk is None else chunk
+  groups = groups if batch % groups == 0 else 1
+  chunk = attention_chunk(batch, heads, length, groups, chunk_bytes)
   steps = batch // groups // chunk
   if steps <= 1:
     return _attention(q, k, v)
@@ -144,11 +107,14 @@ class MultiHeadAttention(nn.Module):
   Attributes:
     num_heads: number of heads; must divide the input width.
     dtype: compute dtype (params stay float32).
-    implementation: 'auto' | 'xla' | 'cudnn' (``ATTENTION_IMPLEMENTATIONS``).
+    implementation: 'xla' | 'cudnn' (``ATTENTION_IMPLEMENTATIONS``; 'auto' is 'xla').
+    chunk_bytes, groups: how the written-out form chunks the batch (``attention``).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
-  implementation: str = 'auto'
+  implementation: str = 'xla'
+  chunk_bytes: int = 0
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -168,7 +134,7 @@ class MultiHeadAttention(nn.Module):
     head_dim = width // self.num_heads
     qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=_dense_init, name='qkv')(x)
     qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
-    if resolve_attention(self.implementation, self.dtype, head_dim) == 'cudnn':
+    if self.implementation == 'cudnn':
       out = _cudnn_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # [B, T, H, D/H]
     else:
       # Heads before tokens ([3, B, H, T, D/H]) so both attention products are
@@ -177,7 +143,8 @@ class MultiHeadAttention(nn.Module):
       # vmap) made XLA:CPU emit transposed dots and a slow softmax backward
       # that took most of the MAE's step time.
       qkv = qkv.transpose(2, 0, 3, 1, 4)
-      out = attention(qkv[0], qkv[1], qkv[2]).transpose(0, 2, 1, 3)
+      out = attention(qkv[0], qkv[1], qkv[2], chunk_bytes=self.chunk_bytes,
+                      groups=self.groups).transpose(0, 2, 1, 3)
     return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init,
                     name='out')(out.reshape(batch, length, width))
 
@@ -233,13 +200,16 @@ class EncoderBlock(nn.Module):
     num_heads: attention heads.
     mlp_dim: hidden width of the MLP.
     dtype: compute dtype.
-    attention: how attention is computed ('auto' | 'xla' | 'cudnn').
+    attention: how attention is computed ('xla' | 'cudnn').
+    attention_chunk_bytes, attention_groups: ``MultiHeadAttention``'s chunking.
     drop_path_rate: stochastic depth of both residual branches (``DropPath``).
   """
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
-  attention: str = 'auto'
+  attention: str = 'xla'
+  attention_chunk_bytes: int = 0
+  attention_groups: int = 1
   drop_path_rate: float = 0.0
 
   @nn.compact
@@ -247,6 +217,7 @@ class EncoderBlock(nn.Module):
     """[B, T, D] -> [B, T, D]."""
     y = nn.LayerNorm(dtype=self.dtype, name='norm_1')(x)
     y = MultiHeadAttention(self.num_heads, dtype=self.dtype, implementation=self.attention,
+                           chunk_bytes=self.attention_chunk_bytes, groups=self.attention_groups,
                            name='attn')(y, train=train)
     x = x + DropPath(self.drop_path_rate, name='drop_path_1')(y, train=train)
     y = nn.LayerNorm(dtype=self.dtype, name='norm_2')(x)
@@ -268,14 +239,17 @@ class Transformer(nn.Module):
     num_heads: attention heads per block.
     mlp_dim: hidden width of each block's MLP.
     dtype: compute dtype.
-    attention: how attention is computed ('auto' | 'xla' | 'cudnn').
+    attention: how attention is computed ('xla' | 'cudnn').
+    attention_chunk_bytes, attention_groups: ``MultiHeadAttention``'s chunking.
     drop_path_rate: stochastic depth of the last block (``drop_path_rates``).
   """
   depth: int
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
-  attention: str = 'auto'
+  attention: str = 'xla'
+  attention_chunk_bytes: int = 0
+  attention_groups: int = 1
   drop_path_rate: float = 0.0
 
   @nn.compact
@@ -283,7 +257,9 @@ class Transformer(nn.Module):
     """[B, T, D] -> [B, T, D], normalized."""
     for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
       x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype, attention=self.attention,
-                       drop_path_rate=rate, name=f'block_{i}')(x, train=train)
+                       attention_chunk_bytes=self.attention_chunk_bytes,
+                       attention_groups=self.attention_groups, drop_path_rate=rate,
+                       name=f'block_{i}')(x, train=train)
     return nn.LayerNorm(dtype=self.dtype, name='norm')(x)
 
 
