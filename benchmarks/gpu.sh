@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark set of the README's Performance section, one JSON line per
+# The GPU benchmark set of docs/performance.md ("On a GPU"), one JSON line per
 # configuration on stdout (and appended to $1 when given):
 #   bash benchmarks/gpu.sh [RESULTS.jsonl]
 # FC and Conv pretraining at the reference batches with whole 50,000-image

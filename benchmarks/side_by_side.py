@@ -14,7 +14,7 @@ the rounds. It needs PyTorch for the reference (``pip install torch``).
 Every record is printed as a JSON line as it comes (with ``impl`` and
 ``round``), then a Markdown table: each round's images/s, the ratio of each
 round (mil_jax over the reference), the ratio of the medians, and the target
-of the README's Performance section.
+of docs/performance.md ("Against the PyTorch reference").
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # (model, batch): the CPU reference set, with mil_jax's target ratio over the
-# reference step (README, Performance).
+# reference step (docs/performance.md).
 TARGETS = {('fc', 128): 1.8, ('conv:192', 32): 1.8, ('conv:192', 128): 1.0,
            ('conv:256', 32): 1.8, ('mae:seed', 128): 1.0}
 # The MAE's step takes seconds: longer windows so each holds several steps.
@@ -112,7 +112,7 @@ def summarize(records: Sequence[dict]) -> list[dict]:
 
 
 def markdown(rows: Sequence[dict]) -> str:
-  """The summary as the README's table."""
+  """The summary as the table of docs/performance.md."""
   def figures(values, fmt):
     return ' / '.join(fmt.format(v) for v in values)
 

@@ -12,42 +12,18 @@ Command (after a pretraining run, e.g. `python train_pretrain.py --type fc`):
       --pretrained_path runs/mae_gpu
 
 Variants:
-  (default) our choices: AdamW 1e-3, weight decay 1e-4, 2 warmup epochs then
-    cosine to 0, random crop + flip when the encoder trains, 40 epochs of batch
-    128. A frozen encoder trains its head on features computed once.
-  seed: the study's choices: Adam 3e-3 (1e-5 when the encoder is frozen), no
-    schedule, no augmentation.
-  finetune: the MAE paper's fine-tuning recipe for a ViT (mae) encoder, trained
-    with an MLP head (mode fine_tune, not frozen), every piece a field that is
-    off in the other variants: layer-wise learning-rate decay 0.75
-    (optim.layer_decay), stochastic depth 0.1 (drop_path_rate), label smoothing
-    0.1, mixup 0.8 and cutmix 1.0 (mix), RandAugment with 2 ops at magnitude
-    9 (randaugment) after the crop and flip; AdamW with weight decay 0.05 and
-    the paper's learning rate rule 1e-3 * batch / 256 = 2e-3 at batch 512,
-    5 warmup epochs then cosine, 100 epochs.
-  runlocal: fake data, 2 epochs, seconds on a CPU (combine: 'seed,runlocal').
+  (default) ours: AdamW 1e-3, warmup then cosine, crop + flip when the encoder trains.
+  seed: the study's: Adam 3e-3 (1e-5 with a frozen encoder), constant, no augmentation.
+  finetune: the MAE paper's fine-tuning recipe for an MAE encoder (docs/recipes.md).
+  runlocal: fake data, 2 epochs, seconds on a CPU ('seed,runlocal').
+  Each variant in full: docs/usage.md.
 
-Expected runtime (40 epochs of 50,000 images at batch 128), from the
-benchmark's training steps on a 2-core CPU (`python -m mil_jax.bench --model
-fc --model conv:192 --model mae:seed --batch 128 --stage probe|finetune`):
-a head on cached features (a frozen encoder) ran at 250,000-530,000
-images/s, seconds for the run after the one pass that computes the
-features; a trained encoder with the MLP head ran at about 2,300 images/s
-(FC), 10,900 (Conv-192) and 14.7 (the seed MAE, whose encoder then sees all
-257 tokens): about 15 minutes, 3 minutes and 38 hours. Fine-tune an MAE on a
-GPU. Whole runs were not timed.
-finetune (an estimate, not a measured run): 100 epochs of 50,000 images are
-5 million images. One training image of the `fast` MAE's encoder on all 65
-tokens with the MLP head costs 1.10 GFLOP of matrix multiplies (counted on
-the step's jaxpr, as the benchmark does), 2.45 times the 0.448 of its
-pretraining step; at the 75 TFLOP/s that pretraining step reached on one
-H200 (168,000 images/s in bfloat16 at batch 1024) that is about 69,000
-images/s, 73 seconds for the run, plus RandAugment's and mixup's elementwise
-work, which is not counted.
-Expected result: not measured yet; the study's CIFAR-100 numbers are in
-reference/SEED.md ("Results"). finetune aims at 0.90 top-1 on CIFAR-10 over
-the `configs/mae.py:gpu` encoder (published MAE numbers with ViTs of this
-size: 89-90 %); not measured yet.
+Expected runtime (40 epochs): a frozen encoder, seconds after one pass over the
+  images; a trained encoder about 15 minutes (FC), 3 (Conv-192) and 38 hours (seed
+  MAE) of steps on a 2-core CPU. finetune: about 73 s of steps on one H200,
+  estimated (docs/performance.md).
+Expected result: at 1 epoch on CIFAR-10, README, Results; not measured at these
+  budgets. finetune aims at 0.90 top-1 on CIFAR-10; not measured yet.
 """
 from __future__ import annotations
 

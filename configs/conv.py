@@ -5,26 +5,19 @@ Command:
   python train_pretrain.py --config configs/conv.py:256 --workdir /tmp/conv256
   python train_pretrain.py --config configs/conv.py:layers=5,factor=2,filters=8 \
       --workdir /tmp/conv_5_2_8
-  python train_pretrain.py --config configs/conv.py:256,runlocal --workdir /tmp/conv_smoke
 
-Variants: '192' (default; 4 layers, factor 2, 6 start filters: 2x2x48 = 192
-features, 49,347 params), '256' (8 start filters: 2x2x64 = 256 features,
-87,299 params), or the sweep form 'layers=L,factor=F,filters=C' the reference
-searched: (4,2,6) (4,3,6) (4,2,8) (5,2,8) (3,2,16). 100 epochs of batch 32,
-Adam 1e-4, cosine decay over T_max = 1562 steps (torch CosineAnnealingLR:
-the lr goes down to 0 at step 1562 and back up, period 3124), as the
-reference configured it (its scheduler never stepped, so it actually ran at a
-constant 1e-4; set --config.optim.schedule=constant to replay that).
+Variants:
+  192 (default): 4 layers, factor 2, 6 start filters: 192 features, 49,347 params.
+  256: 8 start filters: 256 features, 87,299 params.
+  layers=L,factor=F,filters=C: a point of the study's size sweep (configs/sweep.py).
+  runlocal: fake data, a few seconds on a CPU ('256,runlocal').
 
-Expected runtime (1,563 steps per epoch): an epoch's training steps took
-12.4-13.3 s (Conv-192) and 13.4-15.2 s (Conv-256) on a 2-core CPU, and
-0.70-0.72 s and 0.63-0.65 s on one H100 or H200 (`python -m mil_jax.bench
---model conv:192 --model conv:256 --batch 32 --epoch`): 100 epochs are
-21-22 and 22-25 minutes on such a CPU, 70 and 65 s of steps on the GPU, plus each
-epoch's validation and checkpoint. A whole run was not timed.
-Expected result: not measured yet. The reference reached 0.198 (Conv-192) and
-0.214 (Conv-256) top-1 with a linear head and fine-tuning (reference/SEED.md).
-With `runlocal`: fake data, a few seconds on a CPU.
+Expected runtime (100 epochs of batch 32): 21-22 (192) and 22-25 (256) minutes of
+  training steps on a 2-core CPU, 70 and 65 s on one H100 or H200 (docs/performance.md).
+Expected result: not measured at 100 epochs. After 2 epochs on CIFAR-10 (README,
+  Results): kNN .358 (192), .367 (256). The study: .198 (192) / .214 (256) top-1
+  linear + fine-tune on CIFAR-100.
+Training settings (the study's schedule, and how to replay it): docs/usage.md.
 """
 from __future__ import annotations
 

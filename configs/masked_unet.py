@@ -2,37 +2,20 @@ r"""Masked convolutional UNet pretraining: fill in randomly removed patches.
 
 Command:
   python train_pretrain.py --config configs/masked_unet.py:base --workdir /tmp/unet
-  python train_pretrain.py --config configs/masked_unet.py:large --workdir /tmp/unet_large
-  python train_pretrain.py --config configs/masked_unet.py:runlocal --workdir /tmp/unet_smoke
   python train_classifier.py --mode probing --pretrained_path /tmp/unet
 
-Model (mil_jax/models/masked_unet.py): 4x4 patches (64 per image), 60% of
-them removed per image (the ratio of SparK and ConvNeXt V2's masked conv
-pretraining), their pixels set to a learned value per channel; the loss is
-the squared error of the removed pixels, and of the visible ones with weight
-0.1, so the network also keeps what it sees. Encoder channels as the Conv
-autoencoder's; the features are the bottleneck averaged over its positions.
 Variants:
-  base (default): 4 layers, factor 2, 8 start filters (8, 16, 32, 64): the
-    Conv-256 encoder plus the fill value (43,739 params), 97,926 in all with
-    the skip-joined decoder (Conv-256: 87,299); 64 features.
-  large: 16 start filters (16, 32, 64, 128): 388,358 params (encoder
-    173,491); 128 features.
-  runlocal: fake data, seconds on a CPU (combine: 'large,runlocal').
-Training: 100 epochs of batch 32 (as the Conv autoencoder), Adam 1e-3 with a
-cosine decay to 0 over the run (our choice: the Conv autoencoder's 1e-4 is
-the study's replay).
+  base (default): the Conv-256 encoder, a skip-joined decoder: 97,926 params, 64 features.
+  large: 16 start filters: 388,358 params, 128 features.
+  runlocal: fake data, seconds on a CPU ('large,runlocal').
+  The model (60% of 4x4 patches removed, a learned fill) in full: docs/usage.md.
 
-Expected runtime (1,563 steps per epoch of 50,000 images): the `base`
-training step at batch 32 ran at 380-1,350 images/s (median 941, README
-Performance) on a 2-core Intel Xeon (Sapphire Rapids class) shared with
-other jobs, so 100 epochs are about 1.5 hours of steps on such a CPU; 2
-epochs of 45,000 images took 15 minutes there under a load average of about
-10, validation included. Not timed on a GPU.
-Expected result: not measured at 100 epochs. After 2 epochs on real CIFAR-10
-images (45,000 to train, 5,000 held out; README, Results): PSNR 20.8 dB with
-the visible pixels, 18.6 dB on the removed ones alone, kNN accuracy .367, a
-linear probe on the frozen encoder .275.
+Expected runtime (base, 100 epochs of batch 32): about 1.5 hours of training steps on
+  a 2-core CPU; 2 epochs of 45,000 images took 15 minutes on a shared one
+  (docs/performance.md). Not timed on a GPU.
+Expected result: not measured at 100 epochs. After 2 epochs on CIFAR-10 (README,
+  Results): PSNR 20.8 dB (18.6 dB on the removed pixels alone), kNN .367, linear
+  probe on the frozen encoder .275.
 """
 from __future__ import annotations
 

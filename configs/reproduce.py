@@ -12,41 +12,22 @@ Command:
   python -m mil_jax.reproduce --config configs/reproduce.py:quick,classifier_epochs=3 \
       --config.rows=conv_192,mae --config.columns=linear_frozen --workdir runs/grid_part
 
-Rows (encoders, pretrained with configs/<file>.py:<variant>): FC+l1, FC+l2,
-Conv-192, Conv-256, MAE, and beyond the study the Masked UNet
-(configs/masked_unet.py:base, on the FC / Conv budget). Columns (the study's
-classifier protocols): No pretrain (MLP head, fresh encoder trained), MLP +
-fine-tune, MLP frozen, Linear + fine-tune, Linear frozen. Each row also gets
-the kNN accuracy of its features and the reconstruction PSNR of its
-autoencoder (for the masking models, also the PSNR of the removed pixels
-alone). A row or a column is one line in ROWS / COLUMNS below;
-``config.rows`` / ``config.columns`` pick which run, in order.
-``config.data`` replaces the data block of every cell.
+Rows are ROWS below (FC+l1, FC+l2, Conv-192, Conv-256, MAE, Masked UNet), columns
+COLUMNS (the study's five protocols); ``config.rows`` / ``config.columns`` pick
+which run, ``config.data`` replaces every cell's data block (docs/usage.md).
 
-Variants (add keyed budgets: pretrain_epochs=N (FC, Conv and Masked UNet
-rows), mae_epochs=N, classifier_epochs=N):
-  seed: the study's budgets: 100 (FC, Conv, Masked UNet) / 2000 (MAE, the
-    seed model) pretraining epochs, 40 classifier epochs, the study's
-    classifier optimizer (configs/classifier.py:seed). Days on one GPU (the
-    MAE alone is about a day in the reference).
-  quick: one GPU in under 15 minutes (estimated from the model FLOPs and the
-    compile count, not measured yet): FC, Conv and Masked UNet 5 epochs, the
-    `fast` MAE 20 epochs, 5 classifier epochs with our classifier choices.
-  cpu: real data (45,000 training images) on a 2-core CPU in about 40
-    minutes (estimated from measured step rates, not measured end to end):
-    FC, Conv and Masked UNet 2 pretraining epochs, 1 classifier epoch with
-    our classifier choices, and for the MAE row the tiny runlocal MAE for 2
-    epochs (even the `fast` MAE needs 15-25 minutes per epoch on 2 cores).
-    Numbers far below the reference: a check of the grid on real images, not
-    a result.
-  runlocal: fake data (128 train / 64 test images), the tiny runlocal models,
-    1 epoch everywhere; a few minutes on a laptop CPU (what the tests run).
-    Alone it is the grid of `quick`'s models; added to another variant
-    (`quick,runlocal`) it shrinks that one.
+Variants (add keyed budgets: pretrain_epochs=N, mae_epochs=N, classifier_epochs=N):
+  seed: the study's budgets: 100 / 2000 (MAE) pretraining and 40 classifier epochs.
+  quick: one GPU: 5 pretraining epochs (the fast MAE 20), 5 classifier epochs.
+  cpu: real data on a 2-core CPU: 2 pretraining epochs (a tiny MAE), 1 classifier epoch.
+  runlocal: fake data, tiny models, 1 epoch; minutes on a CPU (what the tests run).
 
-Expected result: `seed` should land near reference/SEED.md's table (our
-numbers not measured yet); the cells print our number with the reference's
-beside it in WORKDIR/results.md.
+Expected runtime: cpu, measured: about 19 minutes for the study's 35 cells on a
+  2-core CPU, 28 more for the Masked UNet row. quick: under 15 minutes on one GPU,
+  estimated, not measured. seed: days on one GPU (docs/performance.md).
+Expected result: cpu: README, Results (a check on real images, not a result).
+  seed should land near the study's table; not measured yet. WORKDIR/results.md
+  prints our number with the study's beside it.
 """
 from __future__ import annotations
 

@@ -9,30 +9,23 @@ Command:
       --config.data.source=npz:/path/cifar10.npz \
       --config.data.train_split='train[:45000]' --config.data.eval_split='train[45000:]'
 
-The study chose Conv-192 and Conv-256 by pretraining the Conv autoencoder at
-the points (layers, channel factor, start filters) = (4,2,6) (4,3,6) (4,2,8)
-(5,2,8) (3,2,16) (configs/conv.py:layers=L,factor=F,filters=C) and scoring
-each by the kNN accuracy of its features. Each point is a row of a
-``mil_jax.reproduce`` grid with no protocol columns: its pretraining cell
-(giving the reconstruction PSNR) and its kNN cell. ``mil_jax.sweep`` runs the
-grid (resuming as the grid does) and writes WORKDIR/sweep.md, sweep.json
-(per point: parameters, encoder parameters, latent size, kNN accuracy, PSNR)
-and sweep.png (parameters and latent size against kNN accuracy and PSNR).
+The points (layers, channel factor, start filters) = (4,2,6) (4,3,6) (4,2,8)
+(5,2,8) (3,2,16), each a row of a ``mil_jax.reproduce`` grid with only its
+pretraining and kNN cells; WORKDIR/sweep.md, sweep.json and sweep.png compare them
+(docs/usage.md).
 
-Variants (as configs/reproduce.py's, whose data and classifier settings they
-share; add pretrain_epochs=N to change every point's budget):
+Variants (as configs/reproduce.py's; add pretrain_epochs=N to change every point's budget):
   seed: 100 pretraining epochs per point, the study's budget.
   quick: 5 epochs per point (one GPU).
   cpu: 2 epochs per point on real data on a 2-core CPU.
   runlocal: the points on fake data for 1 epoch (what the tests run).
 
-Expected runtime: the sum of the points' pretraining; with `seed`, about 21-25
-minutes of steps per Conv-192/256-sized point on a 2-core CPU (configs/conv.py),
-more for (4,3,6) and (3,2,16). The `cpu` sweep took 45 minutes on a shared
-2-core CPU (README, Results); the others were not timed.
-Expected result: the study reported only its choice (latent 192 and 256),
-not the scores of its points. At the `cpu` budget on CIFAR-10 the kNN
-accuracies were .32-.38, (3,2,16) the lowest and the other four within .02.
+Expected runtime: cpu: 45 minutes on a shared 2-core CPU, measured. seed: about
+  21-25 minutes of steps per Conv-192/256-sized point on a 2-core CPU, more for
+  (4,3,6) and (3,2,16). The others were not timed (docs/performance.md).
+Expected result: cpu on CIFAR-10: kNN .32-.38, (3,2,16) the lowest and the other
+  four within .02 (docs/results.md). The study reported only its choice (latent 192
+  and 256), not the scores of its points.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ Commands are read from the README's ```bash blocks, in order, and run with
 the copy as the current directory (relative paths, default workdirs). They
 are only made small by what the README documents: the ``runlocal`` variant
 added to ``--config`` (fake data, tiny models), fake data in place of an
-``npz:`` file, one row and one column of the grid, a small batch and short
-windows for the benchmark.
+``npz:`` file, one row and one column of the grid (one point of the size
+sweep), a small batch and short windows for the benchmark.
 Each training command then runs a second time and must resume or say that it
 has finished. A command that cannot run here is listed in ``NOT_RUN`` with
 the reason; any other new command is run without editing this file.
@@ -22,16 +22,6 @@ from .conftest import ROOT, copy_repository, run_in
 
 # README commands not run here, and why: each is recognized by words it contains.
 NOT_RUN = {
-    ('pip', 'install'): 'installs the package: the install step of CI is this command',
-    ('-m', 'pytest'): 'runs this test suite',
-    ('mil_jax.bench', '--all'):
-        'times every reference model for minutes by design; the other bench commands run',
-    ('mil_jax.bench', '--epoch'):
-        'times whole 50,000-image epochs by design; the other bench commands run',
-    ('benchmarks/gpu.sh',): 'times the GPU set: needs a GPU',
-    ('benchmarks/torch_reference.py',): 'needs PyTorch, which mil_jax does not install',
-    ('benchmarks/side_by_side.py',): 'needs PyTorch, which mil_jax does not install',
-    ('gcloud',): 'needs a Cloud TPU pod slice',
     ('srun',): 'needs a SLURM cluster',
     ('--num_processes=2', 'wait'):
         'a shell loop of two processes on one port; tests/test_multihost.py runs this launch',
@@ -113,6 +103,8 @@ def shrink(argv: list[str]) -> list[str]:
       args.append('--config.rows=fc_l2')
     if not any(a.startswith('--config.columns') for a in args):
       args.append('--config.columns=linear_frozen')
+  if program == 'mil_jax.sweep' and not any(a.startswith('--config.rows') for a in args):
+    args.append('--config.rows=conv_4_2_6')
   if program == 'mil_jax.bench':
     args = [_with_runlocal(a) if args[i - 1] == '--model' else a for i, a in enumerate(args)]
     args += ['--batch=32', '--seconds=0.02', '--windows=1']
@@ -148,6 +140,8 @@ def _flows() -> dict[str, list[list[str]]]:
 def test_every_readme_command_is_run_or_listed():
   commands = readme_commands()
   assert len(commands) >= 10, 'the README lost its commands, or this parser broke'
+  for words in NOT_RUN:  # a reason kept for a command the README no longer has would hide one
+    assert any(all(w in argv for w in words) for argv in commands), f'stale NOT_RUN entry {words}'
   for argv in commands:
     if not not_run_reason(argv):
       shrink(argv)  # fails for a command this test does not know how to run
