@@ -214,9 +214,10 @@ class Trainer:
       state, metrics = self.train_step(state, data, perm)
       return state, jax.tree.map(lambda m: m[None], metrics)
     every = self.speed.grad_norm_every
-    return jax.lax.scan(
-        lambda s, i: self.train_step(s, data, perm, (num_steps - 1 - i) % every == 0), state,
-        jnp.arange(num_steps))
+    measured = ((lambda i: i == num_steps - 1) if every >= num_steps else
+                (lambda i: (num_steps - 1 - i) % every == 0))
+    return jax.lax.scan(lambda s, i: self.train_step(s, data, perm, measured(i)), state,
+                        jnp.arange(num_steps))
 
   def _evaluate(self, params: Any, model_state: Any, data: ip.DeviceSplit, idx: jax.Array,
                 valid: jax.Array) -> dict[str, jax.Array]:
