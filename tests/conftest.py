@@ -1,6 +1,8 @@
 """Shared test fixtures: paths, the real CIFAR-10 copy, subprocess runs."""
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import pathlib
 import shutil
@@ -141,10 +143,31 @@ def pretrain_tiny_conv(workdir: pathlib.Path) -> pathlib.Path:
   return workdir
 
 
+def shared(tmp_path_factory, name: str, make):
+  """``make(directory)`` once per test session, also over pytest-xdist workers
+  (a session fixture alone runs once in each worker).
+
+  Returns ``(directory, what make returned)`` (JSON-able). What is in
+  ``directory`` is for every test to read: a test that changes it copies it first.
+  """
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+  directory, result = root / name, root / f'{name}.json'
+  with (root / f'{name}.lock').open('w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be making it: wait for it
+    if not result.exists():
+      shutil.rmtree(directory, ignore_errors=True)
+      directory.mkdir()
+      result.write_text(json.dumps(make(directory)))
+  return directory, json.loads(result.read_text())
+
+
 @pytest.fixture(scope='session')
 def pretrained(tmp_path_factory) -> pathlib.Path:
-  """A pretraining workdir with a finished tiny Conv run (one per test process)."""
-  return pretrain_tiny_conv(tmp_path_factory.mktemp('runs') / 'pretrain_conv')
+  """A pretraining workdir with a finished tiny Conv run (one per test session; read only)."""
+  directory, _ = shared(tmp_path_factory, 'pretrained',
+                        lambda d: str(pretrain_tiny_conv(d / 'pretrain_conv')))
+  return directory / 'pretrain_conv'
 
 
 def copy_repo(dest: pathlib.Path) -> pathlib.Path:
