@@ -315,12 +315,12 @@ def test_a_launch_without_a_count_exits_2_in_every_process(tmp_path):
 
 def test_a_peer_that_never_comes_ends_the_wait(tmp_path):
   repo = copy_repo(tmp_path)
-  [out] = run_processes(repo, [*PRETRAIN, '--workdir=runs/pre', '--initialization_timeout=5',
+  [out] = run_processes(repo, [*PRETRAIN, '--workdir=runs/pre', '--initialization_timeout=2',
                                '--coordinator_address=localhost:1', '--num_processes=2',
                                '--process_id=1'], processes=1)
   assert out.returncode == 2, out.stderr[-3000:]
   assert out.stderr.strip().splitlines()[-1] == (
-      'error: process 1 of 2 waited 5 s at localhost:1 for the other processes to join; '
+      'error: process 1 of 2 waited 2 s at localhost:1 for the other processes to join; '
       'start the same command on every process (process ids 0 to N-1, process 0 reachable '
       'at the address), or raise --initialization_timeout.')
   assert not (repo / 'runs').exists()
