@@ -25,9 +25,6 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-from jax.experimental import multihost_utils
-
 from mil_jax.errors import UserError
 
 ENV_VARS = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS',
@@ -180,6 +177,7 @@ def start(launch: Launch) -> None:
   ``launch.initialization_timeout`` ends the process with one sentence and
   exit code 2.
   """
+  import jax  # noqa: PLC0415  (here, not at the top: a mistake in the flags exits before jax loads)
   if jax.distributed.is_initialized() or not (launch.explicit or launch.cluster):
     return
   if 'JAX_CPU_COLLECTIVES_IMPLEMENTATION' not in os.environ:
@@ -221,6 +219,8 @@ def barrier(name: str) -> None:
 
   ``name`` must be the same on every process (JAX checks it).
   """
+  import jax  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
 
@@ -239,6 +239,7 @@ class StopRequests:
   """
 
   def __init__(self):
+    import jax  # noqa: PLC0415
     self._several = jax.process_count() > 1
     self._signals: list[int] = []
     self._polls = 0
@@ -261,6 +262,7 @@ class StopRequests:
     """The signal to stop for now (None: go on)."""
     if not self._several:
       return self._signals[0] if self._signals else None
+    from jax.experimental import multihost_utils  # noqa: PLC0415
     self._polls += 1
     if multihost_utils.reached_preemption_sync_point(self._polls):
       return self._signals[0] if self._signals else signal.SIGTERM

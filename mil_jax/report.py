@@ -5,12 +5,16 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use('Agg')  # Files only; never open a window.
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _figure(**kwargs: Any) -> Any:
+  """A ``matplotlib.figure.Figure``, drawn by the Agg canvas when saved: files
+  only, no window, and no pyplot state to change for the caller. matplotlib
+  is imported here, at the first picture, not when a command starts: one that
+  stops before drawing (a user's mistake, a kNN run) starts faster."""
+  from matplotlib.figure import Figure  # noqa: PLC0415
+  return Figure(**kwargs)
 
 
 def _per_epoch(records: Sequence[dict[str, Any]], name: str) -> tuple[list[float], list[float]]:
@@ -26,7 +30,8 @@ def _per_epoch(records: Sequence[dict[str, Any]], name: str) -> tuple[list[float
 def plot_curves(records: Sequence[dict[str, Any]], path: str | pathlib.Path, *,
                 panels: Sequence[tuple[str, Sequence[str], bool]]) -> None:
   """One panel per ``(title, metric names, log scale)``, metric vs epoch."""
-  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+  fig = _figure(figsize=(5.5 * len(panels), 4))
+  axes = fig.subplots(1, len(panels), squeeze=False)
   for ax, (title, names, log) in zip(axes[0], panels):
     for name in names:
       epochs, values = _per_epoch(records, name)
@@ -40,7 +45,6 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str | pathlib.Path, *,
     ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def plot_loss(records: Sequence[dict[str, Any]], path: str | pathlib.Path) -> None:
@@ -62,7 +66,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 def plot_image_rows(rows: Sequence[tuple[str, np.ndarray]], path: str | pathlib.Path) -> None:
   """A grid: one row per ``(label, images [K, H, W, 3] in [-1, 1])``."""
   k = len(rows[0][1])
-  fig, axes = plt.subplots(len(rows), k, figsize=(k * 1.1, len(rows) * 1.2), squeeze=False)
+  fig = _figure(figsize=(k * 1.1, len(rows) * 1.2))
+  axes = fig.subplots(len(rows), k, squeeze=False)
   for r, (label, images) in enumerate(rows):
     for c in range(k):
       ax = axes[r][c]
@@ -72,7 +77,6 @@ def plot_image_rows(rows: Sequence[tuple[str, np.ndarray]], path: str | pathlib.
     axes[r][0].set_ylabel(label, fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def plot_study(groups: Sequence[str], bars: dict[str, Sequence[float | None]],
@@ -91,7 +95,7 @@ def plot_study(groups: Sequence[str], bars: dict[str, Sequence[float | None]],
   """
   names = list(bars)
   n_strips = len(strips)
-  fig = plt.figure(figsize=(max(8.0, 1.6 * len(groups) + 2), 4.2 + 0.75 * n_strips))
+  fig = _figure(figsize=(max(8.0, 1.6 * len(groups) + 2), 4.2 + 0.75 * n_strips))
   grid = fig.add_gridspec(1 + n_strips, 1, height_ratios=[4.0] + [0.75] * n_strips)
   ax = fig.add_subplot(grid[0])
   width = 0.8 / max(len(names), 1)
@@ -119,7 +123,6 @@ def plot_study(groups: Sequence[str], bars: dict[str, Sequence[float | None]],
     strip_ax.set_ylabel(label, rotation=0, ha='right', va='center', fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def plot_sweep(points: Sequence[dict[str, Any]], path: str | pathlib.Path) -> None:
@@ -130,9 +133,11 @@ def plot_sweep(points: Sequence[dict[str, Any]], path: str | pathlib.Path) -> No
       and 'psnr' (None: not measured; no marker).
     path: the PNG to write.
   """
+  import matplotlib.ticker  # noqa: PLC0415
   panels = [('params', 'parameters'), ('latent_dim', 'latent size')]
   scores = [('knn_accuracy', 'kNN accuracy'), ('psnr', 'PSNR (dB)')]
-  fig, axes = plt.subplots(len(scores), len(panels), figsize=(10, 7.5), squeeze=False)
+  fig = _figure(figsize=(10, 7.5))
+  axes = fig.subplots(len(scores), len(panels), squeeze=False)
   for r, (score, score_label) in enumerate(scores):
     for c, (size, size_label) in enumerate(panels):
       ax = axes[r][c]
@@ -153,4 +158,3 @@ def plot_sweep(points: Sequence[dict[str, Any]], path: str | pathlib.Path) -> No
   fig.suptitle('sweep: size against kNN accuracy and reconstruction')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)

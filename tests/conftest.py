@@ -1,6 +1,8 @@
 """Shared test fixtures: paths, the real CIFAR-10 copy, subprocess runs."""
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import pathlib
 import shutil
@@ -24,6 +26,37 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 # cheapest backend optimization level compiles them about 30% faster.
 FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0'
 os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+
+
+# The longest tests (about 15 s to a minute each on 2 cores), longest first.
+# pytest-xdist hands tests out in collection order, so they start first and the
+# many short ones even the workers out at the end, instead of one worker
+# running a long test alone while the other idles. An entry is the start of
+# test ids; the other tests keep their order, after these.
+LONGEST_FIRST = (
+    'tests/test_readme.py::test_readme_commands_run_as_typed',
+    'tests/test_reproduce.py::test_runlocal_grid_end_to_end',
+    'tests/test_interrupt.py::test_sigkill_at_named_points_then_rerun_is_bit_identical',
+    'tests/test_multihost.py::test_two_processes_train_as_one_process_of_four_devices',
+    'tests/test_sweep.py::test_runlocal_sweep_command_and_rerun',
+    'tests/test_user_path.py::test_a_damaged_checkpoint_falls_back_to_the_one_before',
+    'tests/test_multihost.py::test_reproduce_runs_in_two_processes',
+    'tests/test_cli.py::test_a_rerun_reads_every_program_from_the_cache',
+    'tests/test_multihost.py::test_classifier_and_knn_over_that_checkpoint_run_in_two_processes',
+    'tests/test_recipe.py::test_finetune_command_over_a_tiny_mae',
+    'tests/test_masked_unet.py::test_pretrain_and_classifiers_from_the_command_line',
+    'tests/test_bench.py::test_run_command_sets_a_whole_run_beside_its_steps',
+    'tests/test_user_path.py::test_a_larger_num_epochs_extends_a_finished_run',
+    'tests/test_interrupt.py::test_sigterm_saves_the_current_step',
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """Puts the tests of ``LONGEST_FIRST`` first, in its order (a stable sort)."""
+  def rank(item: pytest.Item) -> int:
+    return next((i for i, start in enumerate(LONGEST_FIRST) if item.nodeid.startswith(start)),
+                len(LONGEST_FIRST))
+  items.sort(key=rank)
 
 
 def run_command(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300,
@@ -141,10 +174,31 @@ def pretrain_tiny_conv(workdir: pathlib.Path) -> pathlib.Path:
   return workdir
 
 
+def shared(tmp_path_factory, name: str, make):
+  """``make(directory)`` once per test session, also over pytest-xdist workers
+  (a session fixture alone runs once in each worker).
+
+  Returns ``(directory, what make returned)`` (JSON-able). What is in
+  ``directory`` is for every test to read: a test that changes it copies it first.
+  """
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+  directory, result = root / name, root / f'{name}.json'
+  with (root / f'{name}.lock').open('w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be making it: wait for it
+    if not result.exists():
+      shutil.rmtree(directory, ignore_errors=True)
+      directory.mkdir()
+      result.write_text(json.dumps(make(directory)))
+  return directory, json.loads(result.read_text())
+
+
 @pytest.fixture(scope='session')
 def pretrained(tmp_path_factory) -> pathlib.Path:
-  """A pretraining workdir with a finished tiny Conv run (one per test process)."""
-  return pretrain_tiny_conv(tmp_path_factory.mktemp('runs') / 'pretrain_conv')
+  """A pretraining workdir with a finished tiny Conv run (one per test session; read only)."""
+  directory, _ = shared(tmp_path_factory, 'pretrained',
+                        lambda d: str(pretrain_tiny_conv(d / 'pretrain_conv')))
+  return directory / 'pretrain_conv'
 
 
 def copy_repo(dest: pathlib.Path) -> pathlib.Path:

@@ -6,7 +6,6 @@ processes still running when a test ends (or fails) are killed.
 """
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import pathlib
@@ -27,7 +26,7 @@ from configs import classifier as classifier_config
 from configs import reproduce as reproduce_config
 from mil_jax import classify, distributed, reproduce
 
-from .conftest import ROOT, latest_params
+from .conftest import ROOT, latest_params, shared
 
 # The FC autoencoder: its training is well-conditioned, so runs whose
 # gradient all-reduce sums in another order stay within float rounding (the
@@ -146,23 +145,6 @@ def epoch_lines(text: str) -> list[str]:
   """The epoch summary lines of ``text`` without the wall time each ends with."""
   return [re.sub(r' \([\d.]+ s\)$', '', line) for line in text.splitlines()
           if line.startswith('epoch ')]
-
-
-def shared(tmp_path_factory, name: str, make):
-  """``make(directory)`` once per test session, also over pytest-xdist workers.
-
-  Returns ``(directory, what make returned)`` (JSON-able).
-  """
-  base = tmp_path_factory.getbasetemp()
-  root = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
-  directory, result = root / name, root / f'{name}.json'
-  with (root / f'{name}.lock').open('w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be making it: wait for it
-    if not result.exists():
-      shutil.rmtree(directory, ignore_errors=True)
-      directory.mkdir()
-      result.write_text(json.dumps(make(directory)))
-  return directory, json.loads(result.read_text())
 
 
 @pytest.fixture(scope='session')
@@ -333,12 +315,12 @@ def test_a_launch_without_a_count_exits_2_in_every_process(tmp_path):
 
 def test_a_peer_that_never_comes_ends_the_wait(tmp_path):
   repo = copy_repo(tmp_path)
-  [out] = run_processes(repo, [*PRETRAIN, '--workdir=runs/pre', '--initialization_timeout=5',
+  [out] = run_processes(repo, [*PRETRAIN, '--workdir=runs/pre', '--initialization_timeout=2',
                                '--coordinator_address=localhost:1', '--num_processes=2',
                                '--process_id=1'], processes=1)
   assert out.returncode == 2, out.stderr[-3000:]
   assert out.stderr.strip().splitlines()[-1] == (
-      'error: process 1 of 2 waited 5 s at localhost:1 for the other processes to join; '
+      'error: process 1 of 2 waited 2 s at localhost:1 for the other processes to join; '
       'start the same command on every process (process ids 0 to N-1, process 0 reachable '
       'at the address), or raise --initialization_timeout.')
   assert not (repo / 'runs').exists()

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from .conftest import copy_repository, latest_params, run_in
+from .conftest import copy_repository, latest_params, run_in, shared
 
 FC = ['train_pretrain.py', '--config', 'configs/fc.py:runlocal']
 KNN = ['train_classifier.py', '--mode', 'knn', '--config', 'configs/classifier.py:runlocal']
@@ -49,12 +49,14 @@ def epochs_logged(workdir: pathlib.Path) -> list[float]:
   return [r['epoch'] for r in map(json.loads, lines) if 'eval/loss' in r]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def trained_copy(tmp_path_factory) -> pathlib.Path:
-  """A repository copy in which FC (runlocal) trained one epoch into its default workdir."""
-  copy = copy_repository(tmp_path_factory.mktemp('user') / 'mil_jax')
-  ok(run_in(copy, [*FC, '--config.num_epochs=1']))
-  return copy
+  """A repository copy in which FC (runlocal) trained one epoch into its default workdir
+  (one per test session; tests change a private ``copy`` of it)."""
+  def make(directory):
+    ok(run_in(copy_repository(directory / 'mil_jax'), [*FC, '--config.num_epochs=1']))
+  directory, _ = shared(tmp_path_factory, 'user_trained_copy', make)
+  return directory / 'mil_jax'
 
 
 @pytest.fixture
