@@ -20,6 +20,7 @@ import dataclasses
 import importlib.util
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Mapping
@@ -169,6 +170,29 @@ def _give_up(launch: Launch) -> None:
   os._exit(2)
 
 
+def _port_error(launch: Launch, reason: str) -> UserError:
+  port = launch.coordinator_address.rpartition(':')[2]
+  return UserError(f'process {launch.process_id} could not start the coordinator on port '
+                   f'{port} ({reason}); another program may be using that port: '
+                   'choose another one in the address, the same on every process.')
+
+
+def _check_port_free(launch: Launch) -> None:
+  """Raises the user error of a coordinator port already in use, before JAX's
+  server tries it (which at times crashed the process instead of raising)."""
+  port = int(launch.coordinator_address.rpartition(':')[2])
+  for family, host in ((socket.AF_INET, ''), (socket.AF_INET6, '::')):
+    try:
+      probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:  # no IPv6 here
+      continue
+    with probe:
+      try:
+        probe.bind((host, port))
+      except OSError as e:
+        raise _port_error(launch, e.strerror or str(e)) from None
+
+
 def start(launch: Launch) -> None:
   """Joins the run described by ``launch`` (a no-op for a run of one process).
 
@@ -185,6 +209,8 @@ def start(launch: Launch) -> None:
   timer = threading.Timer(launch.initialization_timeout, _give_up, (launch,))
   timer.daemon = True
   timer.start()
+  if launch.explicit and launch.process_id == 0:
+    _check_port_free(launch)
   try:
     if launch.explicit:
       try:
@@ -194,11 +220,7 @@ def start(launch: Launch) -> None:
       except jax.errors.JaxRuntimeError as e:
         # Process 0 could not open the coordinator's port (the other failures
         # end in the timer or in JAX's own fatal error).
-        port = launch.coordinator_address.rpartition(':')[2]
-        raise UserError(f'process {launch.process_id} could not start the coordinator on port '
-                        f'{port} ({str(e).strip()}); another program may be using that port: '
-                        'choose another one in the address, the same on every process.'
-                        ) from None
+        raise _port_error(launch, str(e).strip()) from None
     elif launch.cluster == 'Cloud TPU':
       try:
         jax.distributed.initialize(

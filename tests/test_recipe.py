@@ -12,10 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-import configs
 from configs import classifier as classifier_config
 from configs import mae as mae_config
-from mil_jax import augment, classify, optim, sharding
+from mil_jax import augment, classify, config_files, optim, sharding
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import UserError
 from mil_jax.models import mae, vit
@@ -133,7 +132,7 @@ def test_recipe_pieces_for_a_vit_only(fields, message):
   config.drop_path_rate = fields.get('drop_path_rate', 0.0)
   config.optim.layer_decay = fields.get('layer_decay', 1.0)
   model_cfg = (tiny_mae() if fields.get('layer_decay') == 1.5
-               else configs.pretraining_config('conv:192,runlocal').model.to_dict())
+               else config_files.pretraining('conv:192,runlocal').model.to_dict())
   mesh = sharding.make_mesh()
   data = ip.DeviceSplit.create(ip.load_split(config.data, 'train'), mesh)
   with pytest.raises(UserError, match=message):
