@@ -52,8 +52,18 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from mil_jax import (classify, cli, config_files, models, platform, pretrain, run_bench, sharding,
-                     trainer, tuning)
+from mil_jax import (
+  classify,
+  cli,
+  config_files,
+  models,
+  platform,
+  pretrain,
+  run_bench,
+  sharding,
+  trainer,
+  tuning,
+)
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import UserError
 

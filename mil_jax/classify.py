@@ -20,8 +20,17 @@ import ml_collections
 import optax
 
 from mil_jax import augment as augment_lib
-from mil_jax import (checkpoint, config_checks, config_files, models, paths, report, sharding,
-                     trainer, tuning)
+from mil_jax import (
+  checkpoint,
+  config_checks,
+  config_files,
+  models,
+  paths,
+  report,
+  sharding,
+  trainer,
+  tuning,
+)
 from mil_jax import input_pipeline as ip
 from mil_jax import workdir as workdir_lib
 from mil_jax.errors import UserError

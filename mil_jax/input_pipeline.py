@@ -32,8 +32,8 @@ import ml_collections
 import numpy as np
 
 from mil_jax import sharding
-from mil_jax.images import IMAGE_SHAPE
 from mil_jax.errors import UserError
+from mil_jax.images import IMAGE_SHAPE
 
 _SPLIT_RE = re.compile(r'^(\w+)(?:\[(-?\d*)(%?):(-?\d*)(%?)\])?$')
 _NETWORK_TIMEOUT_S = 10.0

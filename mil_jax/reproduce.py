@@ -39,7 +39,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mil_jax import checkpoint, classify, config_files, distributed, models, paths, pretrain, report, trainer
+from mil_jax import (
+  checkpoint,
+  classify,
+  config_files,
+  distributed,
+  models,
+  paths,
+  pretrain,
+  report,
+  trainer,
+)
 from mil_jax import input_pipeline as ip
 from mil_jax.errors import UserError
 

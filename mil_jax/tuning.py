@@ -43,7 +43,8 @@ ATTENTIONS = ('xla', 'cudnn')
 # them: 'all' keeps XLA's default (single dots and convolutions, and
 # reductions), 'no_reduce' that default without reductions, 'none' no YNNPACK.
 YNN_FUSIONS = {'all': None,
-               'no_reduce': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION',
+               'no_reduce': ('LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,'
+                             'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'),
                'none': ''}
 _YNN_OPTION = 'xla_cpu_experimental_ynn_fusion_type'
 
@@ -112,7 +113,7 @@ class Speed:
   backend: str
   cpu_kind: str
   devices: int
-  cpu_devices: int | str   # as asked ('all' or a count): a classifier over this run's encoder follows it
+  cpu_devices: int | str   # as asked ('all' or a count); a classifier over its encoder follows it
   conv_impl: str
   attention_chunk_bytes: int
   grad_norm_every: int

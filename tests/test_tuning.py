@@ -13,7 +13,7 @@ from configs import classifier as classifier_config
 from configs import conv as conv_config
 from configs import fc as fc_config
 from configs import mae as mae_config
-from mil_jax import classify, input_pipeline, models, pretrain, sharding, trainer, tuning
+from mil_jax import classify, input_pipeline, models, pretrain, sharding, tuning
 from mil_jax.errors import UserError
 
 from .conftest import run_command, run_in

@@ -40,10 +40,10 @@ def _xavier_normal(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.fl
 # The convs are written with dots by default (``speed.conv_impl`` 'dots'): with
 # these tiny channel counts XLA:CPU runs lax.conv, and above all its gradients,
 # slower than a few plain dots over a space-to-depth view of the image
-# (docs/performance.md); 'xla' computes them with lax.conv. A k4 s2 p1 conv is a k2 s1 conv over 2x2 pixel
-# blocks (four shifted dots), and the transposed conv is its exact transpose
-# (four dots whose outputs are shifted, summed and put back to pixels), so
-# neither ever builds a patch matrix. The params are those of nn.Conv /
+# (docs/performance.md); 'xla' computes them with lax.conv. A k4 s2 p1 conv is
+# a k2 s1 conv over 2x2 pixel blocks (four shifted dots), and the transposed
+# conv is its exact transpose (four dots whose outputs are shifted, summed and
+# put back to pixels), so neither ever builds a patch matrix. The params are those of nn.Conv /
 # nn.ConvTranspose: ``kernel`` [4, 4, in, out] and ``bias`` [out].
 
 # The lax padding of the equivalent nn.Conv / nn.ConvTranspose: torch's
