@@ -64,6 +64,15 @@ LONGEST_FIRST = (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+  """Tests go to the pytest-xdist workers one at a time, in order (unless the
+  command line sets --maxschedchunk): by default each worker first gets a
+  quarter of its share in one consecutive block, which gave every test of
+  ``LONGEST_FIRST`` to the first worker."""
+  if config.pluginmanager.hasplugin('xdist') and config.getoption('maxschedchunk') is None:
+    config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
   """Puts the tests of ``LONGEST_FIRST`` first, in its order (a stable sort)."""
   def rank(item: pytest.Item) -> int:
