@@ -28,11 +28,12 @@ FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0'
 os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 
 
-# The longest tests (about 15 s to a minute each on 2 cores), longest first.
+# The longest tests (about 8 s to a minute each on 2 cores), longest first.
 # pytest-xdist hands tests out in collection order, so they start first and the
 # many short ones even the workers out at the end, instead of one worker
 # running a long test alone while the other idles. An entry is the start of
-# test ids; the other tests keep their order, after these.
+# test ids; the other tests keep their order, after these. A test missing here
+# only starts later.
 LONGEST_FIRST = (
     'tests/test_readme.py::test_readme_commands_run_as_typed',
     'tests/test_reproduce.py::test_runlocal_grid_end_to_end',
@@ -48,7 +49,28 @@ LONGEST_FIRST = (
     'tests/test_bench.py::test_run_command_sets_a_whole_run_beside_its_steps',
     'tests/test_user_path.py::test_a_larger_num_epochs_extends_a_finished_run',
     'tests/test_interrupt.py::test_sigterm_saves_the_current_step',
+    'tests/test_classify.py::test_command_line',
+    'tests/test_user_path.py::test_one_run_per_workdir',
+    'tests/test_pretrain.py::test_interrupted_run_resumes_bit_identical',
+    'tests/test_user_path.py::test_relative_and_home_paths_reach_the_same_encoder',
+    'tests/test_bench.py::test_command_prints_one_json_line_per_configuration',
+    'tests/test_user_path.py::test_a_rejected_value_writes_nothing',
+    'tests/test_notebook.py::test_notebook_runs_on_cpu',
+    'tests/test_pretrain.py::test_command_line_variants_overrides_and_type',
+    'tests/test_multihost.py::test_sigterm_to_one_process_stops_both_at_one_saved_step',
+    'tests/test_pretrain.py::test_eight_devices_match_one',
+    'tests/test_reproduce.py::test_failed_cell_is_recorded_and_rerun_skips_finished',
+    'tests/test_user_path.py::test_a_refused_rerun_names_the_fields_and_both_ways_forward',
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+  """Tests go to the pytest-xdist workers one at a time, in order (unless the
+  command line sets --maxschedchunk): by default each worker first gets a
+  quarter of its share in one consecutive block, which gave every test of
+  ``LONGEST_FIRST`` to the first worker."""
+  if config.pluginmanager.hasplugin('xdist') and config.getoption('maxschedchunk') is None:
+    config.option.maxschedchunk = 1
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
