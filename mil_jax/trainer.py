@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 import pathlib
 import sys
@@ -156,11 +155,15 @@ class Trainer:
     # The blocked sum of squares is XLA:CPU's fast form of the norm (optim.global_norm).
     self._grad_norm = optim.global_norm if self.speed.backend == 'cpu' else optax.global_norm
     options = self.speed.compiler_options()
-    self.train_chunk = jax.jit(self._train_chunk, static_argnums=3, donate_argnums=0,
-                               in_shardings=(repl, repl, repl), out_shardings=repl,
-                               compiler_options=options)
+    # The programs; ``train_chunk`` and ``evaluate_fn`` call them (and may be
+    # wrapped, by a benchmark, say), ``check_programs`` traces them.
+    self._train_program = jax.jit(self._train_chunk, static_argnums=3, donate_argnums=0,
+                                  in_shardings=(repl, repl, repl), out_shardings=repl,
+                                  compiler_options=options)
+    self._eval_program = jax.jit(self._evaluate, out_shardings=repl, compiler_options=options)
+    self.train_chunk = self._train_program
+    self.evaluate_fn = self._eval_program
     self.permutation = jax.jit(self._permutation, out_shardings=repl)
-    self.evaluate_fn = jax.jit(self._evaluate, out_shardings=repl, compiler_options=options)
     idx, valid = ip.eval_indices(len(self.eval_data), cfg.batch_size)
     self._eval_idx, self._eval_valid = sharding.put_replicated((idx, valid), self.mesh)
 
@@ -399,13 +402,17 @@ class Trainer:
 
   def check_programs(self, state: TrainState) -> None:
     """Traces the train and eval programs, so that a config they reject (a loss
-    the model cannot give, say) fails before any workdir is touched."""
+    the model cannot give, say) fails before any workdir is touched.
+
+    They are traced through their ``jax.jit`` wrappers, whose trace the first
+    calls then reuse: each model is traced once per run, not twice.
+    """
     k = min(max(1, self.config.steps_per_dispatch), self.steps_per_epoch)
-    perm = jax.ShapeDtypeStruct((len(self.train_data),), jnp.int32)
-    jax.eval_shape(functools.partial(self._train_chunk, num_steps=k), state, self.train_data,
-                   perm)
-    jax.eval_shape(self._evaluate, state.params, state.model_state, self.eval_data,
-                   self._eval_idx, self._eval_valid)
+    perm = jax.ShapeDtypeStruct((len(self.train_data),), jnp.int32,
+                                sharding=sharding.replicated(self.mesh))
+    self._train_program.trace(state, self.train_data, perm, k)
+    self._eval_program.trace(state.params, state.model_state, self.eval_data, self._eval_idx,
+                           self._eval_valid)
 
   def run(self, state: TrainState, workdir: pathlib.Path, *, meta: dict[str, Any]
           ) -> tuple[TrainState, dict[str, float]]:
