@@ -1,4 +1,5 @@
 """Tests of mil_jax.tuning: the speed settings, decided in one place for the platform."""
+import functools
 import json
 import pathlib
 import re
@@ -140,17 +141,20 @@ def test_conv_impls_compute_the_same_function(model):
   dots = models.build_autoencoder(cfg, {'conv_impl': 'dots'})
   xla = models.build_autoencoder(cfg, {'conv_impl': 'xla'})
   rngs = {'params': jax.random.key(1), 'masking': jax.random.key(2)}
-  variables = dots.init(rngs, x, train=False)
-  assert jax.tree.structure(variables) == jax.tree.structure(xla.init(rngs, x, train=False))
+  # Jitted: one compiled program each, not hundreds of single operations.
+  variables = jax.jit(lambda: dots.init(rngs, x, train=False))()
+  assert (jax.tree.structure(variables)
+          == jax.tree.structure(jax.eval_shape(lambda: xla.init(rngs, x, train=False))))
 
   def loss(module, params):
     out, _ = module.apply({'params': params}, x, train=True, rngs={'masking': rngs['masking']})
     return jnp.sum(out ** 2)
 
-  np.testing.assert_allclose(loss(dots, variables['params']), loss(xla, variables['params']),
-                             rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(jax.grad(loss, 1)(dots, variables['params'])),
-                  jax.tree.leaves(jax.grad(loss, 1)(xla, variables['params']))):
+  (loss_dots, grads_dots), (loss_xla, grads_xla) = (
+      jax.jit(jax.value_and_grad(functools.partial(loss, m)))(variables['params'])
+      for m in (dots, xla))
+  np.testing.assert_allclose(loss_dots, loss_xla, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_dots), jax.tree.leaves(grads_xla)):
     # Equal up to float32 summation order, which eight layers and their
     # LayerNorms amplify to about 1e-3 of a leaf; a wrong padding or flip is O(1).
     assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b), (a, b)
