@@ -267,13 +267,13 @@ def resolve_speed(config: ml_collections.ConfigDict, encoder: Encoder) -> tuning
   """The stage's speed settings. Its ``cpu_devices`` 'auto' follows the encoder's
   pretraining config, except that a head on cached features takes one device
   (it is too small to split)."""
+  cached = _on_cached_features(config)
   speed = dict(config.speed)
   if speed.get('cpu_devices') == 'auto':
-    speed['cpu_devices'] = 1 if _on_cached_features(config) else encoder.cpu_devices
+    speed['cpu_devices'] = 1 if cached else encoder.cpu_devices
   return tuning.resolve(speed, batch_size=config.batch_size,
                         steps_per_dispatch=config.steps_per_dispatch,
-                        architecture='head' if _on_cached_features(config)
-                        else encoder.model['name'])
+                        architecture='head' if cached else encoder.model['name'])
 
 
 def _layer_decay(config: ml_collections.ConfigDict,

@@ -73,7 +73,7 @@ def expand_type_flag(argv: list[str]) -> list[str]:
   if kind is None or _config_path(argv) is not None:
     return argv
   if kind not in config_files.PRETRAINING:
-    fail(f'unknown --type {kind!r}; use fc, conv, mae or masked_unet.')
+    fail(f'unknown --type {kind!r}; use {config_files.PRETRAINING_NAMES}.')
   return [argv[0], f'--config={CONFIG_DIR / kind}.py', *argv[1:]]
 
 

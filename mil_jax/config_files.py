@@ -15,6 +15,7 @@ import ml_collections
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 PRETRAINING = ('fc', 'conv', 'mae', 'masked_unet')
+PRETRAINING_NAMES = f"{', '.join(PRETRAINING[:-1])} or {PRETRAINING[-1]}"  # for messages
 
 
 def load(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,8 +44,7 @@ def pretraining(spec: str) -> ml_collections.ConfigDict:
   """
   name, _, variant = spec.partition(':')
   if name not in PRETRAINING:
-    raise ValueError(f'unknown model type {name!r}; use {", ".join(PRETRAINING[:-1])} or '
-                     f'{PRETRAINING[-1]} (with :variant)')
+    raise ValueError(f'unknown model type {name!r}; use {PRETRAINING_NAMES} (with :variant)')
   return load(CONFIG_DIR / f'{name}.py', variant)
 
 

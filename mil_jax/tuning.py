@@ -185,17 +185,25 @@ def _with_defaults(speed: Mapping[str, Any] | None) -> dict[str, Any]:
           'cpu_ynn_fusions': AUTO, **(speed or {})}
 
 
+def _parse(speed: Mapping[str, Any] | None) -> dict[str, Any]:
+  """``speed`` with its defaults and each count an int (or 'auto'); a UserError
+  for a value no platform accepts."""
+  speed = _with_defaults(speed)
+  parsed = dict(speed)
+  parsed['devices'] = _count('devices', speed['devices'], minimum=1)
+  if speed['cpu_devices'] != AUTO:  # a classifier's 'auto': its encoder's choice
+    parsed['cpu_devices'] = _count('cpu_devices', speed['cpu_devices'], minimum=1, auto='all')
+  _choice('conv_impl', speed['conv_impl'], CONV_IMPLS)
+  for name, minimum in (('attention_chunk_bytes', 0), ('grad_norm_every', 1),
+                        ('max_in_flight', 0)):
+    parsed[name] = _count(name, speed[name], minimum=minimum)
+  _choice('cpu_ynn_fusions', speed['cpu_ynn_fusions'], tuple(YNN_FUSIONS))
+  return parsed
+
+
 def check(speed: Mapping[str, Any] | None) -> None:
   """Raises a UserError for a value no platform accepts (before anything runs)."""
-  speed = _with_defaults(speed)
-  _count('devices', speed['devices'], minimum=1)
-  if speed['cpu_devices'] != AUTO:  # a classifier's: its encoder's choice
-    _count('cpu_devices', speed['cpu_devices'], minimum=1, auto='all')
-  _choice('conv_impl', speed['conv_impl'], CONV_IMPLS)
-  _count('attention_chunk_bytes', speed['attention_chunk_bytes'], minimum=0)
-  _count('grad_norm_every', speed['grad_norm_every'], minimum=1)
-  _count('max_in_flight', speed['max_in_flight'], minimum=0)
-  _choice('cpu_ynn_fusions', speed['cpu_ynn_fusions'], tuple(YNN_FUSIONS))
+  _parse(speed)
 
 
 def _devices_for_batch(batch_size: int, devices: int) -> int:
@@ -217,14 +225,12 @@ def resolve(speed: Mapping[str, Any] | None, *, batch_size: int, steps_per_dispa
   Raises:
     UserError: a value out of range, or more devices than there are.
   """
-  check(speed)
-  speed = _with_defaults(speed)
+  speed = _parse(speed)
   where = where or Platform.current()
   on_cpu = where.backend == 'cpu'
 
-  devices = _count('devices', speed['devices'], minimum=1)
-  cpu_devices = ('all' if speed['cpu_devices'] == AUTO else
-                 _count('cpu_devices', speed['cpu_devices'], minimum=1, auto='all'))
+  devices = speed['devices']
+  cpu_devices = 'all' if speed['cpu_devices'] == AUTO else speed['cpu_devices']
   if devices == AUTO:
     devices = where.devices
     if where.split_cpu:
@@ -237,18 +243,17 @@ def resolve(speed: Mapping[str, Any] | None, *, batch_size: int, steps_per_dispa
     raise UserError(f'speed.devices is {devices}, but this run has {where.devices} '
                     f"device{'s' * (where.devices > 1)}; use 'auto' or at most {where.devices}.")
 
-  def pick(name: str, cpu: Any, elsewhere: Any, minimum: int | None = None) -> Any:
-    value = speed[name] if minimum is None else _count(name, speed[name], minimum=minimum)
-    return (cpu if on_cpu else elsewhere) if value == AUTO else value
+  def pick(name: str, cpu: Any, elsewhere: Any) -> Any:
+    return (cpu if on_cpu else elsewhere) if speed[name] == AUTO else speed[name]
 
   ynn = CPU_YNN_FUSIONS.get(where.cpu_kind, CPU_YNN_FUSIONS['avx2']).get(
       architecture, DEFAULT_YNN_FUSIONS)
   return Speed(
       backend=where.backend, cpu_kind=where.cpu_kind, devices=devices, cpu_devices=cpu_devices,
       conv_impl=pick('conv_impl', 'dots', 'dots'),
-      attention_chunk_bytes=pick('attention_chunk_bytes', CPU_ATTENTION_CHUNK_BYTES, 0, 0),
-      grad_norm_every=pick('grad_norm_every', max(1, steps_per_dispatch), 1, 1),
-      max_in_flight=pick('max_in_flight', CPU_MAX_IN_FLIGHT, 0, 0),
+      attention_chunk_bytes=pick('attention_chunk_bytes', CPU_ATTENTION_CHUNK_BYTES, 0),
+      grad_norm_every=pick('grad_norm_every', max(1, steps_per_dispatch), 1),
+      max_in_flight=pick('max_in_flight', CPU_MAX_IN_FLIGHT, 0),
       cpu_ynn_fusions=pick('cpu_ynn_fusions', ynn, 'all'),
       gpu_compute_capability=where.gpu_compute_capability)
 
