@@ -9,6 +9,7 @@ there when rerun, and leaves ``metrics.jsonl``, TensorBoard events,
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -91,12 +92,10 @@ def init_params(config: ml_collections.ConfigDict, model: nn.Module,
   return trainer.init_variables(model, config.seed, mesh)['params']
 
 
-def save_reconstructions(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
-                         data: ip.DeviceSplit, path: pathlib.Path) -> None:
-  """``reconstructions.png``: originals over reconstructions (MAE: + masked input).
-
-  Every process of a run calls it (the program spans their devices); process 0 writes.
-  """
+def reconstruction_program(config: ml_collections.ConfigDict, model: nn.Module
+                           ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
+  """``run(params, uint8 images)``, jitted: ``{'original', 'reconstruction'}`` in
+  [-1, 1] and, for a model that masks, ``'masked input'`` (its masked patches grey)."""
 
   @jax.jit
   def run(params, images):
@@ -110,8 +109,17 @@ def save_reconstructions(config: ml_collections.ConfigDict, model: nn.Module, pa
       rows['masked input'] = masking.unpatchify(grey, p, *x.shape[1:3])
     return rows
 
+  return run
+
+
+def save_reconstructions(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
+                         data: ip.DeviceSplit, path: pathlib.Path) -> None:
+  """``reconstructions.png``: originals over reconstructions (MAE: + masked input).
+
+  Every process of a run calls it (the program spans their devices); process 0 writes.
+  """
   count = min(NUM_SHOWN, len(data))
-  rows = jax.device_get(run(params, data.images[:count]))
+  rows = jax.device_get(reconstruction_program(config, model)(params, data.images[:count]))
   if jax.process_index() != 0:
     return
   order = [k for k in ('original', 'masked input', 'reconstruction') if k in rows]

@@ -35,7 +35,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -48,6 +47,7 @@ from mil_jax import (
   paths,
   pretrain,
   report,
+  timing,
   trainer,
 )
 from mil_jax import input_pipeline as ip
@@ -204,6 +204,7 @@ def write_atomically(path: pathlib.Path, text: str) -> None:
 
 
 def _run_cell(cell: Cell, overwrite: bool) -> dict[str, float]:
+  timing.start_run()
   if cell.stage == PRETRAIN:
     return pretrain.train_and_evaluate(cell.config, cell.workdir, overwrite=overwrite)
   return classify.train_and_evaluate(cell.config, cell.workdir, overwrite=overwrite)
@@ -364,11 +365,8 @@ def reconstruction_strip(pretrain_dir: pathlib.Path, count: int) -> tuple[np.nda
   # the grid runs, whatever the row's pretraining ran on.
   model = models.build_autoencoder({k: v for k, v in config.model.items() if k != 'attention'})
   images = ip.load_split(config.data, config.data.eval_split).images[:count]
-  x = ip.to_float(jnp.asarray(images))
-  rng = trainer.eval_rng(config.seed)
-  out, aux = model.apply({'params': params}, x, train=False, rngs={'masking': rng})
-  shown = pretrain.shown_reconstruction(config, x, out, aux)
-  original, shown = np.asarray(x), np.asarray(shown, np.float32)
+  rows = jax.device_get(pretrain.reconstruction_program(config, model)(params, images))
+  original, shown = np.asarray(rows['original']), np.asarray(rows['reconstruction'], np.float32)
   # The cache appears only after every process has looked for it: all of them
   # then agree to restore the checkpoint, which orbax does with all of them.
   distributed.barrier(f'strip computed: {cache}')
