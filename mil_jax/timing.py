@@ -37,6 +37,24 @@ def process_age() -> float:
     return time.monotonic() - _IMPORTED
 
 
+_run_started: float | None = None
+
+
+def start_run() -> None:
+  """Marks the start of one run among several in this process (a cell of the
+  study grid or of a sweep): its start-up counts from here."""
+  global _run_started
+  _run_started = time.monotonic()
+
+
+def startup_age() -> float:
+  """Seconds since the current run started: since :func:`start_run` where a
+  process runs several, else since the process started (see :func:`process_age`)."""
+  if _run_started is None:
+    return process_age()
+  return time.monotonic() - _run_started
+
+
 class PhaseClock:
   """Times the phases of each epoch; what no phase claims is ``other``.
 

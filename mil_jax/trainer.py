@@ -289,7 +289,7 @@ class Trainer:
       with run.clock.phase('train'):
         state, metrics = self.train_chunk(state, self.train_data, perm, k)
         run.in_flight.add(metrics)
-      run.startup_s = run.startup_s or timing.process_age()
+      run.startup_s = run.startup_s or timing.startup_age()
       run.step += k
       run.pending.append((run.step, metrics))
       signum = run.stop_requests.poll()  # after every call, the same number of times everywhere
