@@ -375,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state, final = loop.run(
         state, workdir, meta={'stage': 'classify', 'config': config.to_dict(),
                               'encoder_model': model_cfg, 'encoder_source': source})
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and report.to_draw(workdir / 'accuracy.png', loop.trained):
       report.plot_accuracy(read_metrics(workdir), workdir / 'accuracy.png')
   return final
 

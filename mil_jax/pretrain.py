@@ -185,9 +185,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   with workdir_lib.claim(workdir, config, overwrite=overwrite) as workdir:
     state, final = loop.run(state, workdir, meta={'stage': 'pretrain',
                                                   'config': config.to_dict()})
-    if jax.process_index() == 0:
+    # A finished run's rerun keeps its pictures (and starts no plotting).
+    if jax.process_index() == 0 and report.to_draw(workdir / 'loss.png', loop.trained):
       report.plot_loss(read_metrics(workdir), workdir / 'loss.png')
-    # Every process: the reconstructions are computed over the mesh together.
-    save_reconstructions(config, model, state.params, eval_data,
-                         workdir / 'reconstructions.png')
+    if report.to_draw(workdir / 'reconstructions.png', loop.trained):
+      # Every process: the reconstructions are computed over the mesh together.
+      save_reconstructions(config, model, state.params, eval_data,
+                           workdir / 'reconstructions.png')
   return final

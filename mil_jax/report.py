@@ -17,6 +17,11 @@ def _figure(**kwargs: Any) -> Any:
   return Figure(**kwargs)
 
 
+def to_draw(path: pathlib.Path, trained: bool) -> bool:
+  """Whether a run's picture ``path`` is drawn: after training, or where it is missing."""
+  return trained or not path.exists()
+
+
 def _per_epoch(records: Sequence[dict[str, Any]], name: str) -> tuple[list[float], list[float]]:
   """(epochs, values) of ``name``, the last record of each epoch."""
   by_epoch: dict[float, float] = {}

@@ -145,6 +145,7 @@ class Trainer:
       raise UserError(f'the training split has {len(self.train_data)} examples, fewer than '
                       f'one batch of {cfg.batch_size}; lower --config.batch_size.')
     self.total_steps = self.steps_per_epoch * cfg.num_epochs
+    self.trained = False  # set by run()
     if self.speed is None:
       self.speed = tuning.resolve(
           {**cfg.get('speed', {}), 'devices': self.mesh.size},
@@ -419,6 +420,9 @@ class Trainer:
     """Trains in a claimed ``workdir`` (``workdir.claim``) from its latest checkpoint
     (or ``state``) to the end.
 
+    Sets ``trained``: whether this call trained any step (a finished run's rerun
+    does not, and need not draw its pictures again).
+
     Returns:
       ``(final state, final validation metrics)``.
     """
@@ -427,6 +431,7 @@ class Trainer:
     try:
       state = self.restore_latest(state, mngr, workdir)
       step = int(state.step)
+      self.trained = step < self.total_steps
       writer.drop_after(step)  # records of steps the resumed run does again
       if step >= self.total_steps:
         print(f'the run in {workdir} has finished (step {step}, {self.config.num_epochs} '

@@ -107,11 +107,20 @@ def test_a_rejected_value_writes_nothing_and_a_run_that_saved_no_step_locks_in_n
 
 
 def test_a_larger_num_epochs_extends_a_finished_run(copy, tmp_path):
+  pictures = {name: copy / RUN / name for name in ('loss.png', 'reconstructions.png')}
+  drawn = {name: path.stat().st_mtime_ns for name, path in pictures.items()}
+  pictures['loss.png'].unlink()
   out = ok(run_in(copy, [*FC, '--config.num_epochs=1']))
   assert 'has finished' in out.stdout and 'epoch 1/' not in out.stdout
+  # The finished run keeps its pictures; only the missing one is drawn again.
+  assert pictures['reconstructions.png'].stat().st_mtime_ns == drawn['reconstructions.png']
+  assert pictures['loss.png'].stat().st_mtime_ns > drawn['loss.png']
+  drawn = {name: path.stat().st_mtime_ns for name, path in pictures.items()}
   out = ok(run_in(copy, [*FC, '--config.num_epochs=3', '--config.log_every_steps=2']))
   assert 'resuming from step 8' in out.stdout, out.stdout
   assert epochs_logged(copy / RUN) == [1.0, 2.0, 3.0]
+  for name, path in pictures.items():  # the extended run draws its own
+    assert path.stat().st_mtime_ns > drawn[name], name
   # FC's schedule decays per epoch, whatever the length: the extended run is
   # the run that was asked for 3 epochs from the start.
   ok(run_in(copy, [*FC, '--config.num_epochs=3', '--workdir', 'runs/straight']))
