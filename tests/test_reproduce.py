@@ -7,6 +7,7 @@ import pytest
 from configs import reproduce as reproduce_config
 from mil_jax import classify, reproduce
 from mil_jax.errors import UserError
+from mil_jax.metric_writers import read_metrics
 
 from .conftest import assert_picture, run_command
 
@@ -85,9 +86,8 @@ def test_runlocal_grid_end_to_end(tmp_path):
     assert record['config']['data']['fake_train_size'] == 64, key  # the grid's data block
     assert 'git_commit' in record
     if record['column'] != 'knn':  # each cell's start-up is its own, not the grid's so far
-      epochs = [json.loads(line) for line in
-                (tmp_path / record['workdir'] / 'metrics.jsonl').read_text().splitlines()]
-      startup = [e['time/startup_s'] for e in epochs if 'time/startup_s' in e]
+      startup = [r['time/startup_s'] for r in read_metrics(tmp_path / record['workdir'])
+                 if 'time/startup_s' in r]
       assert startup and 0 < startup[-1] < record['wall_s'], (key, startup, record['wall_s'])
   assert 0 <= results['cells']['mae/linear_frozen']['metrics']['eval/accuracy'] <= 1
   assert results['cells']['fc_l1/knn']['metrics']['eval/knn_accuracy'] >= 0
