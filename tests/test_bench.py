@@ -116,13 +116,16 @@ def test_steps_per_dispatch_equals_single_steps(model):
     losses_b.append(metrics_b['train/loss'][0])
     norms_b.append(metrics_b['train/grad_norm'][0])
   assert int(state_a.step) == int(state_b.step) == 4
-  np.testing.assert_allclose(metrics_a['train/loss'], np.stack(losses_b), rtol=1e-6)
+  # The scan and the single step are different programs, which XLA may fuse
+  # differently: equal up to float32 rounding. A step on another batch changes
+  # the losses by percents (the scan over the reversed permutation: 5-7%).
+  np.testing.assert_allclose(metrics_a['train/loss'], np.stack(losses_b), rtol=1e-5)
   # A chunk measures the gradient norm on its last step only; single steps on each.
   assert np.isnan(metrics_a['train/grad_norm'][:3]).all()
   assert np.isfinite(norms_b).all() and norms_b[3] > 0
-  np.testing.assert_allclose(metrics_a['train/grad_norm'][3], norms_b[3], rtol=1e-5)
+  np.testing.assert_allclose(metrics_a['train/grad_norm'][3], norms_b[3], rtol=1e-3)
   for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('side,cin,cout', [(32, 3, 6), (4, 12, 24), (2, 48, 24)])

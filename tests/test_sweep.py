@@ -10,7 +10,7 @@ from mil_jax import reproduce, sweep
 
 from .conftest import copy_repo, run_command
 
-FAST_COMPILE = {'XLA_FLAGS': '--xla_backend_optimization_level=0', 'JAX_PLATFORMS': 'cpu'}
+CPU_ONLY = {'JAX_PLATFORMS': 'cpu'}  # conftest's XLA_FLAGS make its programs fast to compile
 KEYS = ['conv_4_2_6', 'conv_4_3_6', 'conv_4_2_8', 'conv_5_2_8', 'conv_3_2_16']
 
 
@@ -82,7 +82,7 @@ def test_runlocal_sweep_command_and_rerun(tmp_path):
   args = ['-m', 'mil_jax.sweep', '--config', 'configs/sweep.py:runlocal',
           '--config.rows=conv_4_2_6,conv_5_2_8', '--config.data.fake_train_size=64',
           '--config.data.fake_test_size=32', '--workdir', 'runs/sweep']
-  out = run_command(args, cwd=repo, env=FAST_COMPILE, timeout=1800)
+  out = run_command(args, cwd=repo, env=CPU_ONLY, timeout=1800)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   workdir = repo / 'runs' / 'sweep'
   assert f'sweep: {workdir}/sweep.md, {workdir}/sweep.json, {workdir}/sweep.png' in out.stdout
@@ -110,7 +110,7 @@ def test_runlocal_sweep_command_and_rerun(tmp_path):
       knn, [ln for ln in table if ln.startswith('| Conv')]))
   assert (workdir / 'sweep.png').stat().st_size > 10_000
 
-  out = run_command(args, cwd=repo, env=FAST_COMPILE, timeout=600)
+  out = run_command(args, cwd=repo, env=CPU_ONLY, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert out.stdout.count('finished before, skipped') == 4
   assert json.loads((workdir / 'sweep.json').read_text())['points'] == points
