@@ -27,8 +27,8 @@ FAST_COMPILE_FLAGS = (
     # XLA's cheapest backend optimization level: about 30% faster to compile.
     '--xla_backend_optimization_level=0',
     # XLA:CPU's elemental emitters in place of its fusion emitters: a tiny Conv
-    # run with no cache 11.5 s -> 6.7 s, the suite with an empty cache 13 -> 8
-    # minutes. The programs differ in rounding only (tests/test_bench.py).
+    # run with no cache 11.5 s -> 6.7 s, the suite with an empty cache about a
+    # third faster. The programs differ in rounding only (tests/test_bench.py).
     '--xla_cpu_use_fusion_emitters=false',
 )
 
