@@ -23,14 +23,13 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 # The tests' programs are tiny and compiled far more often than run.
-FAST_COMPILE_FLAGS = (
-    # XLA's cheapest backend optimization level: about 30% faster to compile.
-    '--xla_backend_optimization_level=0',
-    # XLA:CPU's elemental emitters in place of its fusion emitters: a tiny Conv
-    # run with no cache 11.5 s -> 6.7 s, the suite with an empty cache about a
-    # third faster. The programs differ in rounding only (tests/test_bench.py).
-    '--xla_cpu_use_fusion_emitters=false',
-)
+# XLA's cheapest backend optimization level: about 30% faster to compile.
+FAST_COMPILE_FLAGS = ('--xla_backend_optimization_level=0',)
+# XLA:CPU's elemental emitters in place of its fusion emitters: a tiny Conv run
+# with no cache 11.5 s -> 6.7 s, the suite with an empty cache about a third
+# faster. The programs differ in rounding only (tests/test_bench.py). A newer
+# flag than the jax the project allows, so it is probed first.
+PROBED_FAST_COMPILE_FLAGS = ('--xla_cpu_use_fusion_emitters=false',)
 
 
 def _xla_knows(flag: str) -> bool:
@@ -41,10 +40,11 @@ def _xla_knows(flag: str) -> bool:
   return probe.returncode == 0
 
 
-# Set once, in the process that starts pytest; its workers inherit the variable.
+# Set once, in the process that starts pytest; its workers inherit the variable
+# (a flag given twice would give every program another compilation cache key).
 _flags = os.environ.get('XLA_FLAGS', '')
-for _flag in FAST_COMPILE_FLAGS:
-  if _flag.split('=')[0] not in _flags and (_flag == FAST_COMPILE_FLAGS[0] or _xla_knows(_flag)):
+for _flag in (*FAST_COMPILE_FLAGS, *PROBED_FAST_COMPILE_FLAGS):
+  if _flag.split('=')[0] not in _flags and (_flag in FAST_COMPILE_FLAGS or _xla_knows(_flag)):
     _flags = f'{_flags} {_flag}'.strip()
 os.environ['XLA_FLAGS'] = _flags
 # Lowering records up to 10 Python frames per operation as its source location
@@ -104,6 +104,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     return next((i for i, start in enumerate(LONGEST_FIRST) if item.nodeid.startswith(start)),
                 len(LONGEST_FIRST))
   items.sort(key=rank)
+
+
+# For commands that must run on the CPU whatever else is installed.
+CPU_ONLY = {'JAX_PLATFORMS': 'cpu'}
 
 
 def run_command(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300,

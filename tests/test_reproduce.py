@@ -9,10 +9,7 @@ from mil_jax import classify, reproduce
 from mil_jax.errors import UserError
 from mil_jax.metric_writers import read_metrics
 
-from .conftest import assert_picture, run_command
-
-# On the CPU (conftest's XLA_FLAGS make its tiny programs fast to compile).
-CPU_ONLY = {'JAX_PLATFORMS': 'cpu'}
+from .conftest import CPU_ONLY, assert_picture, run_command
 
 # A part of the grid for the tests that do not need all of it: one row (FC: it
 # compiles fastest), the No pretrain column (no checkpoint needed) and one

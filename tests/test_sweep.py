@@ -8,9 +8,8 @@ import pytest
 from configs import sweep as sweep_config
 from mil_jax import reproduce, sweep
 
-from .conftest import copy_repo, run_command
+from .conftest import CPU_ONLY, copy_repo, run_command
 
-CPU_ONLY = {'JAX_PLATFORMS': 'cpu'}  # conftest's XLA_FLAGS make its programs fast to compile
 KEYS = ['conv_4_2_6', 'conv_4_3_6', 'conv_4_2_8', 'conv_5_2_8', 'conv_3_2_16']
 
 
